@@ -1,0 +1,387 @@
+"""Run configuration: one JSON file per run, loaded strictly into frozen dataclasses.
+
+The file holds the project's own sections (``model``, ``data``, ``train``, ``log``) plus a
+``deepspeed`` section that is handed verbatim to ``deepspeed.initialize``. Unknown keys,
+duplicate keys and values of the wrong type are errors that name their dotted path, so a typo
+never silently falls back to a default. Command-line overrides (``--set train.lr_phi=0.5``) go
+through the same loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Model presets. The ``paper`` preset is the reference architecture at 128x128; the small ones
+# keep the paper's latent net (P = 24,448 per image) but shrink the noise, the latent grid and
+# the generator so that CPU runs are practical.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "image_size": 128,
+        "noise_size": 40,
+        "gen_widths": [192, 384, 512, 512, 1024],
+        "gen_skip": 144,
+        "gen_head_widths": [32, 32],
+    },
+    "demo64": {
+        "image_size": 64,
+        "noise_size": 24,
+        "gen_widths": [64, 128, 256, 256],
+        "gen_skip": 16,
+        "gen_head_widths": [64, 32],
+    },
+    "demo32": {
+        "image_size": 32,
+        "noise_size": 16,
+        "gen_widths": [64, 128, 256],
+        "gen_skip": 16,
+        "gen_head_widths": [64, 32],
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Latent nets f_phi and generator g_theta. Unset fields come from ``preset``."""
+
+    preset: str = "demo32"
+    """Name of the architecture preset the other fields default from (paper, demo64, demo32)."""
+    image_size: int = 32
+    """Side of the square training images, in pixels."""
+    image_channels: int = 3
+    """Colour channels of the images (3 = RGB)."""
+    noise_channels: int = 2
+    """Channels of the fixed noise input s shared by all latent nets."""
+    noise_size: int = 16
+    """Side of the fixed noise input s, in pixels; z has side noise_size - 2 * len(latent_widths)."""
+    noise_scale: float = 0.1
+    """s is uniform noise in [0, noise_scale)."""
+    noise_seed: int = 0
+    """Seed of the fixed noise input s."""
+    latent_widths: tuple[int, ...] = (8, 16, 32, 64)
+    """Output channels of each 3x3 valid conv of the latent net; the last is z's channel count."""
+    leaky_slope: float = 0.2
+    """Negative slope of the latent net's LeakyReLU."""
+    clamp: float = 0.01
+    """Conv weights of every phi are clamped to [-clamp, clamp] after each step."""
+    phi_init_seed: int = 0
+    """Seed of the initial phi vector that every image starts from."""
+    gen_widths: tuple[int, ...] = (64, 128, 256)
+    """Channels of the generator's encoder levels (each halves the resolution of z)."""
+    gen_skip: int = 16
+    """Channels of each skip connection of the generator's hourglass (0 = no skips)."""
+    gen_head_widths: tuple[int, ...] = (64, 32)
+    """Channels of the generator's upsampling stages from z's resolution to the image's."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they are batched."""
+
+    shards: str = ""
+    """Directory with WebDataset shards and manifest.json (from launch/make_shards.py)."""
+    batch_size: int = 10
+    """Images per batch on each process."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+    shuffle_buffer: int = 100
+    """Samples held in the in-stream shuffle buffer (0 = shard order only)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation schedule."""
+
+    max_steps: int
+    """Batches to train on (each gets inner_steps joint SGD updates); required."""
+    inner_steps: int = 50
+    """Joint SGD updates of phi and theta per batch (the paper uses 50)."""
+    lr_phi: float = 1.0
+    """Learning rate of the per-image latent nets phi (plain SGD)."""
+    lap_levels: int = 4
+    """Levels of the Laplacian pyramid in the Lap-L1 loss term."""
+    mse_weight: float = 1.0
+    """Weight of the MSE loss term next to Lap-L1."""
+    seed: int = 0
+    """Seed of the data order and every other random stream of the run."""
+    deterministic: bool = False
+    """Use deterministic torch kernels (slower; for bitwise reproducibility tests)."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What the run reports and how often."""
+
+    every_steps: int = 10
+    """Write scalars to TensorBoard every this many batches."""
+    image_every_steps: int = 100
+    """Write a target-vs-reconstruction image grid every this many batches (0 = never)."""
+    progress: bool = True
+    """Show a progress bar with ETA on rank 0."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: the project's sections plus DeepSpeed's own config, verbatim."""
+
+    run_dir: str
+    """Directory for TensorBoard logs, the resolved config and checkpoints."""
+    train: TrainConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Passed verbatim to deepspeed.initialize (optimizer, ZeRO stage, precision, ...)."""
+
+
+class _Pairs(list):
+    """A JSON object kept as its (key, value) pairs so duplicates can be reported with a path."""
+
+
+def _pairs_to_dict(value: Any, path: str) -> Any:
+    if isinstance(value, _Pairs):
+        out: dict[str, Any] = {}
+        for key, item in value:
+            dotted = f"{path}.{key}" if path else key
+            if key in out:
+                raise ValueError(f"duplicate config key '{dotted}'; keep only one of them")
+            out[key] = _pairs_to_dict(item, dotted)
+        return out
+    if isinstance(value, list):
+        return [_pairs_to_dict(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def parse_json_text(text: str, source: str) -> dict[str, Any]:
+    """Parse a JSON config text, rejecting duplicate keys with their dotted path."""
+    try:
+        raw = json.loads(text, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{source} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    data = _pairs_to_dict(raw, "")
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must hold a JSON object at the top level")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config key '{path}' must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{path}' must be an object, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{path}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key '{path}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"config key '{path}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"config key '{path}' must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{path}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {path}")  # programming error
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a dict, strictly: unknown keys and wrong types are errors."""
+    where = f"config section '{path}'" if path else "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            dotted = f"{path}.{key}" if path else key
+            raise ValueError(
+                f"unknown config key '{dotted}'; valid keys here are: {', '.join(sorted(fields))}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"missing required config key '{dotted}'")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], dotted)
+    return cls(**kwargs)
+
+
+def _apply_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill the model section from its preset; keys the user gave win."""
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        return raw
+    preset = model.get("preset", ModelConfig.preset)
+    if preset not in MODEL_PRESETS:
+        raise ValueError(
+            f"config key 'model.preset' is {preset!r}; choose one of {', '.join(MODEL_PRESETS)}"
+        )
+    return {**raw, "model": {**MODEL_PRESETS[preset], **model, "preset": preset}}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a JSON value (bare words are strings)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, value_text = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r} has an empty key; use section.key=value")
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError:
+        value = value_text
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw config dict with ``--set`` overrides applied."""
+    raw = json.loads(json.dumps(raw))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise ValueError(f"override {text!r}: config key '{dotted}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks, in one place, with messages that say what to do."""
+    m, t, d, lg = cfg.model, cfg.train, cfg.data, cfg.log
+    if not cfg.run_dir:
+        raise ValueError("config key 'run_dir' must name a directory for the run's outputs")
+    if t.max_steps <= 0:
+        raise ValueError("config key 'train.max_steps' must be a positive number of batches")
+    if t.inner_steps <= 0:
+        raise ValueError("config key 'train.inner_steps' must be at least 1")
+    if t.lr_phi <= 0:
+        raise ValueError("config key 'train.lr_phi' must be positive")
+    if t.lap_levels < 1:
+        raise ValueError("config key 'train.lap_levels' must be at least 1")
+    if t.mse_weight < 0:
+        raise ValueError("config key 'train.mse_weight' must be >= 0")
+    if d.batch_size <= 0:
+        raise ValueError("config key 'data.batch_size' must be positive")
+    if d.num_workers < 0 or d.shuffle_buffer < 0:
+        raise ValueError("config keys 'data.num_workers' and 'data.shuffle_buffer' must be >= 0")
+    if lg.every_steps <= 0 or lg.image_every_steps < 0:
+        raise ValueError("config key 'log.every_steps' must be >= 1 and 'log.image_every_steps' >= 0")
+    if not m.latent_widths or min(m.latent_widths) <= 0:
+        raise ValueError("config key 'model.latent_widths' must list positive channel counts")
+    z_size = m.noise_size - 2 * len(m.latent_widths)
+    if z_size < 1:
+        raise ValueError(
+            f"config key 'model.noise_size' ({m.noise_size}) is too small for "
+            f"{len(m.latent_widths)} valid 3x3 convs; raise it"
+        )
+    if z_size % (2 ** len(m.gen_widths)) != 0:
+        raise ValueError(
+            f"the latent grid side {z_size} (model.noise_size - 2 * len(model.latent_widths)) must "
+            f"be divisible by 2**len(model.gen_widths) = {2 ** len(m.gen_widths)}"
+        )
+    if m.image_size != z_size * 2 ** len(m.gen_head_widths):
+        raise ValueError(
+            f"config key 'model.image_size' ({m.image_size}) must equal the latent grid side "
+            f"{z_size} times 2**len(model.gen_head_widths) = {z_size * 2 ** len(m.gen_head_widths)}"
+        )
+    if m.clamp <= 0 or m.noise_scale <= 0:
+        raise ValueError("config keys 'model.clamp' and 'model.noise_scale' must be positive")
+    ds = cfg.deepspeed
+    if "optimizer" not in ds:
+        raise ValueError(
+            "config key 'deepspeed.optimizer' is missing; the generator's optimizer is set there, "
+            'e.g. {"type": "SGD", "params": {"lr": 1.0}}'
+        )
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if micro is not None and micro != d.batch_size:
+        raise ValueError(
+            f"config key 'deepspeed.train_micro_batch_size_per_gpu' ({micro}) differs from "
+            f"'data.batch_size' ({d.batch_size}); drop it or make them equal"
+        )
+    if ds.get("gradient_accumulation_steps", 1) != 1:
+        raise ValueError(
+            "config key 'deepspeed.gradient_accumulation_steps' must be 1: each inner step of "
+            "a batch is a full optimizer step"
+        )
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "the config") -> RunConfig:
+    """Build and validate a RunConfig from a parsed JSON dict."""
+    try:
+        raw = _apply_model_preset(raw)
+        cfg = _build(RunConfig, raw, "")
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    try:
+        validate(cfg)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config file, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    raw = parse_json_text(text, str(path))
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def write_resolved_config(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the fully resolved config next to the run, atomically."""
+    out = Path(run_dir) / "config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,109 @@
+"""Batched latent nets agree with per-image modules; presets have the paper's sizes."""
+
+import pytest
+import torch
+
+from lcm_dist.config import MODEL_PRESETS, config_from_dict
+from lcm_dist.generator import Generator, count_parameters
+from lcm_dist.latent_net import (
+    BatchedLatentNet,
+    LatentNet,
+    clamp_phi_,
+    initial_phi,
+    make_noise,
+    phi_layout,
+)
+
+
+def model_cfg(preset="demo32", **extra):
+    raw = {
+        "run_dir": "x",
+        "train": {"max_steps": 1},
+        "model": {"preset": preset, **extra},
+        "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 1.0}}},
+    }
+    return config_from_dict(raw).model
+
+
+def test_paper_preset_sizes():
+    cfg = model_cfg("paper")
+    assert phi_layout(cfg).size == 24_448
+    assert count_parameters(Generator(cfg)) == 38_696_224
+    assert make_noise(cfg).shape == (1, 2, 40, 40)
+    z = BatchedLatentNet(cfg)(initial_phi(cfg).unsqueeze(0))
+    assert z.shape == (1, 64, 32, 32)
+
+
+@pytest.mark.parametrize("preset", sorted(set(MODEL_PRESETS) - {"paper"}))
+def test_small_presets_map_z_to_image(preset):
+    cfg = model_cfg(preset)
+    phi = initial_phi(cfg).repeat(2, 1)
+    with torch.no_grad():
+        img = Generator(cfg)(BatchedLatentNet(cfg)(phi))
+    assert img.shape == (2, 3, cfg.image_size, cfg.image_size)
+    assert float(img.min()) >= 0 and float(img.max()) <= 1
+
+
+def test_noise_and_initial_phi_are_fixed_by_seed():
+    cfg = model_cfg()
+    assert torch.equal(make_noise(cfg), make_noise(cfg))
+    assert torch.equal(initial_phi(cfg), initial_phi(cfg))
+    other = model_cfg(phi_init_seed=1)
+    assert not torch.equal(initial_phi(cfg), initial_phi(other))
+    s = make_noise(cfg)
+    assert float(s.min()) >= 0 and float(s.max()) < cfg.noise_scale
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"),
+    [
+        # float32: the per-image modules sum gradients in another order; a mean objective (as
+        # the training loss is) keeps the gradients at the loss's scale.
+        (torch.float32, 1e-5),
+        # float64 shows the two computations are the same function, not just close ones.
+        (torch.float64, 1e-10),
+    ],
+)
+def test_batched_matches_per_image_modules_forward_and_backward(dtype, tol):
+    torch.manual_seed(0)
+    cfg = model_cfg()
+    layout = phi_layout(cfg)
+    b = 5
+    # Distinct rows: perturb the conv weights and the norm parameters of each image.
+    phi = initial_phi(cfg).repeat(b, 1) + 0.05 * torch.randn(b, layout.size)
+    phi = phi.to(dtype).requires_grad_(True)
+    batched = BatchedLatentNet(cfg).to(dtype)
+    z = batched(phi)
+    weights = torch.randn_like(z)
+    (z * weights).mean(dim=(1, 2, 3)).sum().backward()
+
+    s = make_noise(cfg).to(dtype)
+    for i in range(b):
+        net = LatentNet(cfg).to(dtype)
+        net.load_phi(phi[i].detach())
+        zi = net(s)
+        torch.testing.assert_close(zi[0], z[i].detach(), atol=tol, rtol=tol)
+        (zi[0] * weights[i]).mean().backward()
+        torch.testing.assert_close(net.flat_grad(), phi.grad[i], atol=tol, rtol=tol)
+
+
+def test_clamp_touches_only_conv_weights():
+    cfg = model_cfg()
+    layout = phi_layout(cfg)
+    phi = torch.full((3, layout.size), 0.5)
+    mask = layout.clamp_mask()
+    clamp_phi_(phi, mask, cfg.clamp)
+    assert torch.all(phi[:, mask] == cfg.clamp)
+    assert torch.all(phi[:, ~mask] == 0.5)
+    # Conv weights are 24,336 of the 24,448 entries; 112 are normalisation scales/shifts.
+    assert int(mask.sum()) == 24_336
+    phi = torch.full((1, layout.size), -3.0)
+    clamp_phi_(phi, mask, cfg.clamp)
+    assert torch.all(phi[:, mask] == -cfg.clamp)
+
+
+def test_initial_phi_is_within_clamp():
+    cfg = model_cfg()
+    phi = initial_phi(cfg)
+    mask = phi_layout(cfg).clamp_mask()
+    assert float(phi[mask].abs().max()) <= cfg.clamp
