@@ -1,0 +1,15 @@
+"""Benchmarks behind ``python launch/bench.py NAME``: each returns one dict of measurements.
+
+Ratios are measured within one run on the same machine, so a noisy shared host moves both
+sides of a ratio together; absolute times are reported alongside for context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lcm_dist.benchmarks.latent import bench_latent
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {
+    "latent": bench_latent,
+}
