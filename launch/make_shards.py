@@ -1,0 +1,63 @@
+"""Write WebDataset shards of fixed size from image files, folders or globs.
+
+    python launch/make_shards.py ../photos/ 'more/*.jpg' extra.png --out data/shards
+    python launch/make_shards.py data/shards --verify      # check checksums of a finished set
+
+Sample i (in the order given; folders and globs sorted) gets global row index i, the row of the
+latent store that holds its phi. Images are centre-cropped to a square and resized to
+--image-size. The folder gets shard-NNNNNN.tar files, keys.txt (line i = source of row i) and
+manifest.json (shard list, counts, row ranges, image size, SHA-256 checksums), written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lcm_dist.shards import IMAGE_FORMATS, collect_sources, verify_shards, write_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--out", help="output folder (must not hold a shard set already)")
+    parser.add_argument("--image-size", type=int, default=64, help="side in pixels (%(default)s)")
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="images per shard (%(default)s)"
+    )
+    parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
+    parser.add_argument("--verify", action="store_true", help="check a finished set's checksums")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.verify and not args.out:
+            for folder in args.sources:
+                verify_shards(folder)
+                print(f"{folder}: all shards match the manifest")
+            return 0
+        if not args.out:
+            parser.error("--out is required")
+        files = collect_sources(args.sources)
+        print(f"{len(files)} images from {len(args.sources)} source(s)", flush=True)
+        write_shards(
+            ((path, path) for path in files),
+            args.out,
+            args.image_size,
+            args.samples_per_shard,
+            image_format=args.format,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+        if args.verify:
+            verify_shards(args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Streaming the shards: which rank reads what, in which order, in batches of which size.
+
+The order of an epoch is a pure function of ``(seed, epoch, world_size, rank)`` and the
+manifest, so every process can compute any rank's plan without talking to the others:
+
+* the shards are permuted with ``numpy.random.default_rng([seed, epoch])`` and dealt to the
+  ranks round-robin: every shard goes to exactly one rank per epoch (so no two ranks ever touch
+  the same rows or the same store chunks);
+* a rank's shards are split among its loader workers by WebDataset's ``split_by_worker``;
+* samples are shuffled within a bounded window (``shuffle_buffer`` samples), seeded by
+  ``(seed, epoch, rank, worker)``;
+* every rank takes the same number of steps per epoch (``steps_per_epoch``), so the ranks cross
+  epoch boundaries together; a rank whose shards hold fewer images gets batches that are
+  smaller by a few images instead of repeating or dropping any. Each image is seen exactly once
+  per epoch.
+
+Every sample's row index is checked against its shard's range in the manifest and every shard's
+sample count against the manifest: a missing, extra, undecodable or wrong-size image stops
+training with an error naming the shard and the sample, instead of silently shifting rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+from lcm_dist.shards import join, load_manifest
+
+
+class ShardDecodeError(ValueError):
+    """A shard or a sample in it cannot be read, or does not match the manifest."""
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1]
+    rows: torch.Tensor  # (B,) int64 global row indices
+    epoch: int
+    step_in_epoch: int  # 0-based index of this batch within its epoch
+
+
+@dataclass
+class _Failure:
+    """Sent from a loader worker instead of raising, so the main process can raise a one-line
+    error (DataLoader would otherwise wrap it in a multi-line traceback)."""
+
+    message: str
+
+
+def shards_for_rank(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list:
+    """The shard indices rank ``rank`` reads in ``epoch``, in reading order."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return [int(i) for i in order[rank::world_size]]
+
+
+def steps_per_epoch(manifest: dict, world_size: int, batch_size: int) -> int:
+    """Steps per epoch, the same on every rank and in every epoch: enough for the largest
+    share any rank can be dealt (ceil(shards / world) full shards) at ``batch_size``."""
+    per_rank = math.ceil(len(manifest["shards"]) / world_size) * manifest["samples_per_shard"]
+    return math.ceil(min(per_rank, manifest["num_samples"]) / batch_size)
+
+
+def batch_sizes(num_images: int, steps: int) -> list[int]:
+    """Split ``num_images`` into ``steps`` batches whose sizes differ by at most one."""
+    base, extra = divmod(num_images, steps)
+    return [base + 1] * extra + [base] * (steps - extra)
+
+
+def decode_sample(sample: dict, url: str, image_size: int, image_format: str) -> tuple:
+    """(row, image tensor) from a raw WebDataset sample; raises ShardDecodeError naming it."""
+    key = sample.get("__key__", "?")
+    where = f"sample {key} in shard {url}"
+    if image_format not in sample or "json" not in sample:
+        raise ShardDecodeError(f"{where} lacks its .{image_format} or .json file")
+    try:
+        meta = json.loads(sample["json"])
+        row = int(meta["row"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ShardDecodeError(f"{where} has unreadable metadata: {err}") from None
+    try:
+        with Image.open(io.BytesIO(sample[image_format])) as im:
+            im.load()
+            if im.size != (image_size, image_size):
+                raise ShardDecodeError(
+                    f"{where} is {im.size[0]}x{im.size[1]}, expected {image_size}x{image_size}"
+                )
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ShardDecodeError(f"{where} is not a decodable {image_format} image") from None
+    except (OSError, SyntaxError) as err:
+        raise ShardDecodeError(f"{where} cannot be decoded: {err}") from None
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return row, image
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's samples for one epoch: (row, image) pairs, shuffled in a bounded window."""
+
+    def __init__(
+        self,
+        base: str,
+        manifest: dict,
+        shard_ids: list[int],
+        *,
+        image_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+    ):
+        super().__init__()
+        self.base = base
+        self.entries = [manifest["shards"][i] for i in shard_ids]
+        self.image_format = manifest.get("image_format", "png")
+        self.image_size = image_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def _samples(self, entries: list[dict]) -> Iterator[tuple]:
+        for entry in entries:
+            url = join(self.base, entry["name"])
+            first, count = entry["first_row"], entry["count"]
+            seen = 0
+            try:
+                dataset = wds.WebDataset(
+                    [url],
+                    shardshuffle=False,
+                    nodesplitter=None,
+                    workersplitter=None,
+                    empty_check=False,
+                    handler=wds.reraise_exception,
+                )
+                for sample in dataset:
+                    row, image = decode_sample(sample, url, self.image_size, self.image_format)
+                    if not first <= row < first + count:
+                        raise ShardDecodeError(
+                            f"sample {sample.get('__key__')} in shard {url} has row {row}, "
+                            f"outside the shard's rows {first}..{first + count - 1}"
+                        )
+                    seen += 1
+                    yield row, image
+            except ShardDecodeError:
+                raise
+            except Exception as err:  # tar/stream errors: name the shard
+                raise ShardDecodeError(f"cannot read shard {url}: {err}") from None
+            if seen != count:
+                raise ShardDecodeError(
+                    f"shard {url} holds {seen} samples but the manifest says {count} "
+                    "(truncated or replaced shard?)"
+                )
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        # WebDataset's worker splitter reads the worker id from the DataLoader.
+        entries = list(wds.split_by_worker(self.entries))
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        buffer: list[tuple] = []
+        try:
+            for item in self._samples(entries):
+                if self.shuffle_buffer <= 1:
+                    yield item
+                    continue
+                buffer.append(item)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield _pop_random(buffer, rng)
+            while buffer:
+                yield _pop_random(buffer, rng)
+        except ShardDecodeError as err:
+            yield _Failure(str(err))
+
+
+def _pop_random(buffer: list, rng: np.random.Generator):
+    i = int(rng.integers(len(buffer)))
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
+
+
+class ShardLoader:
+    """Endless batches for one rank, epoch after epoch, starting at global step ``start_step``
+    (``start_step`` batches are skipped, so a resumed run sees what an uninterrupted one would)."""
+
+    def __init__(
+        self,
+        shards: str,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        image_size: int | None = None,
+        start_step: int = 0,
+    ):
+        self.base = str(shards)
+        self.manifest = load_manifest(self.base)
+        self.image_size = image_size or self.manifest["image_size"]
+        if self.manifest["image_size"] != self.image_size:
+            raise ValueError(
+                f"shards in {self.base} hold {self.manifest['image_size']}px images, "
+                f"not {self.image_size}px"
+            )
+        num_shards = len(self.manifest["shards"])
+        if num_shards < world_size:
+            raise ValueError(
+                f"{self.base} has {num_shards} shards, fewer than the {world_size} processes; "
+                "remake it with a smaller --samples-per-shard"
+            )
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.steps_per_epoch = steps_per_epoch(self.manifest, world_size, batch_size)
+        self.start_step = start_step
+
+    def plan(self, epoch: int, rank: int | None = None) -> tuple[list[int], list[int]]:
+        """(shard ids, batch sizes) of ``rank`` (default: this rank) in ``epoch``."""
+        rank = self.rank if rank is None else rank
+        ids = shards_for_rank(len(self.manifest["shards"]), self.seed, epoch, rank, self.world_size)
+        images = sum(self.manifest["shards"][i]["count"] for i in ids)
+        if images < self.steps_per_epoch:
+            raise ValueError(
+                f"rank {rank} gets only {images} images in epoch {epoch}, fewer than the "
+                f"{self.steps_per_epoch} steps per epoch; use more or evenly sized shards"
+            )
+        return ids, batch_sizes(images, self.steps_per_epoch)
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        ids, sizes = self.plan(epoch)
+        stream = ShardStream(
+            self.base,
+            self.manifest,
+            ids,
+            image_size=self.image_size,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+        )
+        items = iter(
+            torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=4 if self.num_workers else None,
+            )
+        )
+        for index, size in enumerate(sizes):
+            rows, images = [], []
+            for _ in range(size):
+                item = next(items, None)
+                if isinstance(item, _Failure):
+                    raise ShardDecodeError(item.message)
+                if item is None:
+                    raise ShardDecodeError(
+                        f"the shards of rank {self.rank} in epoch {epoch} ran out early"
+                    )
+                if index >= skip:
+                    rows.append(item[0])
+                    images.append(item[1])
+            if index >= skip:
+                yield Batch(torch.stack(images), torch.tensor(rows), epoch, index)
+        leftover = next(items, None)
+        if isinstance(leftover, _Failure):
+            raise ShardDecodeError(leftover.message)
+        if leftover is not None:
+            raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            yield from self.epoch_batches(epoch, skip)
+            epoch, skip = epoch + 1, 0

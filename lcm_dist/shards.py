@@ -1,0 +1,268 @@
+"""WebDataset shards with global row indices, and their manifest.
+
+Sample ``i`` of the input (in the order the sources are given; folders and globs expanded in
+sorted order) gets the global row index ``i``: it is the row of the latent store that holds its
+phi vector. Shard ``k`` holds rows ``[k * samples_per_shard, (k + 1) * samples_per_shard)``
+(the last one may be shorter), so a shard always maps to whole store chunks when the chunk
+size divides ``samples_per_shard``.
+
+Layout of an output folder::
+
+    shard-000000.tar      {row:010d}.png + {row:010d}.json ({"row": i, "key": "..."})
+    shard-000001.tar
+    ...
+    keys.txt              line i = key of row i (the source file name, or the caller's key)
+    manifest.json         written last; its presence means the set is complete
+
+Every shard is written to a temporary name and renamed when complete, and the manifest goes
+last, so an interrupted run never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import fsspec
+from PIL import Image, UnidentifiedImageError
+
+MANIFEST = "manifest.json"
+KEYS = "keys.txt"
+FORMAT = "lcm-dist-shards"
+VERSION = 1
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def collect_sources(sources: Iterable[str]) -> list[str]:
+    """Expand image files, folders (recursively) and glob patterns into a list of files.
+
+    Each source keeps its place in the order; within a folder or glob, files are sorted. A source
+    that matches no image is an error (it would silently shift every later row index).
+    """
+    files: list[str] = []
+    for source in sources:
+        if any(ch in source for ch in "*?["):
+            matched = sorted(p for p in glob.glob(source, recursive=True) if _is_image(p))
+        elif os.path.isdir(source):
+            matched = sorted(
+                str(p) for p in Path(source).rglob("*") if p.is_file() and _is_image(str(p))
+            )
+        elif os.path.isfile(source):
+            matched = [source]
+        else:
+            raise ValueError(f"image source {source!r} does not exist")
+        if not matched:
+            raise ValueError(f"image source {source!r} matches no image files")
+        files.extend(matched)
+    return files
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
+
+
+def prepare_image(image: Image.Image, image_size: int) -> Image.Image:
+    """RGB, centre-cropped to a square, resized to ``image_size`` (Lanczos)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != image_size:
+        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return image
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image file, with an error naming the file if it cannot be."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from None
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # identical inputs give byte-identical shards
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    samples: Iterable[tuple[str, Image.Image | str]],
+    out_dir: str | os.PathLike,
+    image_size: int,
+    samples_per_shard: int,
+    *,
+    image_format: str = "png",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``samples`` ((key, image or image path) pairs) as shards in ``out_dir``.
+
+    Returns the manifest. Images are centre-cropped and resized to ``image_size``.
+    """
+    if image_size <= 0 or samples_per_shard <= 0:
+        raise ValueError("image_size and samples_per_shard must be positive")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, not {image_format!r}")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a shard set (manifest.json); pass overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in list(out.glob("shard-*.tar")) + [out / MANIFEST, out / KEYS]:
+            old.unlink(missing_ok=True)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="shards", unit="img", dynamic_ncols=True)
+
+    shards: list[dict] = []
+    keys_tmp = out / (KEYS + ".tmp")
+    row = 0
+    tar = None
+    tmp_path = None
+    start = time.perf_counter()
+    with open(keys_tmp, "w", encoding="utf-8") as keys_file:
+        for key, image in samples:
+            if isinstance(image, (str, os.PathLike)):
+                image = load_image(str(image))
+            if tar is None:
+                tmp_path = out / (shard_name(len(shards)) + ".tmp")
+                tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
+                shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
+            try:
+                data = _encode(prepare_image(image, image_size), image_format)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot convert image {key}: {err}") from None
+            key = str(key).replace("\n", " ")
+            _add(tar, f"{row:010d}.{image_format}", data)
+            _add(tar, f"{row:010d}.json", json.dumps({"row": row, "key": key}).encode())
+            keys_file.write(key + "\n")
+            shards[-1]["count"] += 1
+            row += 1
+            if bar is not None:
+                bar.update(1)
+            if shards[-1]["count"] == samples_per_shard:
+                _finish_shard(tar, tmp_path, shards[-1])
+                tar = None
+        if tar is not None:
+            _finish_shard(tar, tmp_path, shards[-1])
+    if bar is not None:
+        bar.close()
+    if row == 0:
+        keys_tmp.unlink()
+        raise ValueError("no images to write")
+    os.replace(keys_tmp, out / KEYS)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "image_size": image_size,
+        "channels": 3,
+        "image_format": image_format,
+        "samples_per_shard": samples_per_shard,
+        "num_samples": row,
+        "keys_file": KEYS,
+        "shards": shards,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    if progress:
+        print(
+            f"wrote {row} images in {len(shards)} shards to {out} "
+            f"({time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
+    return manifest
+
+
+def _finish_shard(tar: tarfile.TarFile, tmp_path: Path, entry: dict) -> None:
+    tar.close()
+    data = tmp_path.read_bytes()
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    entry["bytes"] = len(data)
+    os.replace(tmp_path, tmp_path.with_suffix(""))
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def load_manifest(shards: str | os.PathLike) -> dict:
+    """Read and check the manifest of a shard folder (local path or fsspec URL)."""
+    base = str(shards)
+    path = join(base, MANIFEST)
+    try:
+        with fsspec.open(path, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"no shard set at {base}: {path} not found (make one with launch/make_shards.py)"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"shard manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an lcm-dist shard manifest")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{path} has version {manifest.get('version')}; expected {VERSION}")
+    expected = 0
+    for entry in manifest["shards"]:
+        if entry["first_row"] != expected:
+            raise ValueError(f"{path}: shard {entry['name']} starts at row {entry['first_row']}")
+        expected += entry["count"]
+    if expected != manifest["num_samples"]:
+        raise ValueError(f"{path}: shard counts add up to {expected}, not num_samples")
+    return manifest
+
+
+def load_keys(shards: str | os.PathLike) -> list[str]:
+    """The key of every row (line i of keys.txt is row i)."""
+    path = join(str(shards), KEYS)
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def verify_shards(shards: str | os.PathLike) -> None:
+    """Check every shard's size and SHA-256 against the manifest; raises naming the bad shard."""
+    manifest = load_manifest(shards)
+    for entry in manifest["shards"]:
+        path = join(str(shards), entry["name"])
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with fsspec.open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise ValueError(f"shard {path} listed in the manifest is missing") from None
+        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+            raise ValueError(f"shard {path} does not match its manifest checksum (corrupt?)")

@@ -1,0 +1,162 @@
+"""Streaming shards: every image exactly once per epoch across ranks and workers, with its row;
+bad shards stop with an error naming the shard and sample."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcm_dist.data import ShardDecodeError, ShardLoader, batch_sizes, shards_for_rank
+from lcm_dist.shards import write_shards
+
+SIZE = 8
+
+
+def _image(row: int) -> Image.Image:
+    """An image whose pixels encode its row, so a mismatched (row, image) pair is detectable."""
+    rng = np.random.default_rng(row)
+    return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def _expected(row: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(_image(row)).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data-shards")
+    # 10 shards of 5 and one of 3: uneven on purpose.
+    write_shards(((f"k{i}", _image(i)) for i in range(53)), out, SIZE, 5, progress=False)
+    return out
+
+
+def _epoch(shards, rank, world, epoch, workers=2, batch=4, **kw):
+    loader = ShardLoader(
+        shards,
+        batch_size=batch,
+        rank=rank,
+        world_size=world,
+        seed=7,
+        num_workers=workers,
+        shuffle_buffer=6,
+        **kw,
+    )
+    return loader, list(loader.epoch_batches(epoch))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_every_image_once_per_epoch_with_its_row(shards, world, workers):
+    for epoch in range(2):
+        seen = []
+        steps = set()
+        for rank in range(world):
+            loader, batches = _epoch(shards, rank, world, epoch, workers=workers)
+            steps.add(len(batches))
+            assert len(batches) == loader.steps_per_epoch
+            for i, batch in enumerate(batches):
+                assert batch.epoch == epoch and batch.step_in_epoch == i
+                assert batch.images.shape[1:] == (3, SIZE, SIZE)
+                assert 1 <= len(batch.rows) <= 4
+                for row, image in zip(batch.rows.tolist(), batch.images):
+                    torch.testing.assert_close(image, _expected(row), rtol=0, atol=0)
+                seen.extend(batch.rows.tolist())
+        assert len(steps) == 1, "ranks must take the same number of steps per epoch"
+        assert sorted(seen) == list(range(53))
+
+
+def test_order_is_reshuffled_each_epoch_and_ranks_are_disjoint(shards):
+    a = shards_for_rank(11, 7, 0, 0, 2) + shards_for_rank(11, 7, 0, 1, 2)
+    assert sorted(a) == list(range(11))
+    assert shards_for_rank(11, 7, 0, 0, 2) != shards_for_rank(11, 7, 1, 0, 2)
+    _, e0 = _epoch(shards, 0, 1, 0, workers=0)
+    _, e1 = _epoch(shards, 0, 1, 1, workers=0)
+    assert torch.cat([b.rows for b in e0]).tolist() != torch.cat([b.rows for b in e1]).tolist()
+
+
+def test_same_seed_same_order_and_start_step_skips(shards):
+    loader, first = _epoch(shards, 1, 2, 0)
+    _, again = _epoch(shards, 1, 2, 0)
+    assert [b.rows.tolist() for b in first] == [b.rows.tolist() for b in again]
+    steps = loader.steps_per_epoch
+    full = ShardLoader(shards, batch_size=4, rank=1, world_size=2, seed=7, shuffle_buffer=6)
+    stream = iter(full)
+    reference = [next(stream).rows.tolist() for _ in range(steps + 3)]
+    resumed = ShardLoader(
+        shards, batch_size=4, rank=1, world_size=2, seed=7, shuffle_buffer=6, start_step=steps - 2
+    )
+    stream = iter(resumed)
+    assert [next(stream).rows.tolist() for _ in range(5)] == reference[steps - 2 :]
+
+
+def test_batch_sizes_split_evenly():
+    assert batch_sizes(10, 3) == [4, 3, 3]
+    assert sum(batch_sizes(53, 14)) == 53
+
+
+def _rewrite_member(path, member, data):
+    """Replace one file's bytes inside a tar shard (keeps the others as they are)."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for info, content in members:
+            if info.name == member:
+                if data is None:
+                    continue
+                content = data
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
+def _png(size):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "member,data,message",
+    [
+        ("0000000002.png", b"\x89PNG garbage", r"sample 0000000002 in shard .*shard-000000.tar"),
+        ("0000000003.png", _png(SIZE * 2), r"0000000003 .* is 16x16, expected 8x8"),
+        ("0000000001.png", None, r"0000000001 .* lacks its .png"),
+        ("0000000004.json", b'{"row": 40, "key": "x"}', r"has row 40, outside the shard's rows"),
+    ],
+)
+def test_bad_sample_is_an_error_naming_it(tmp_path, member, data, message):
+    write_shards(((f"k{i}", _image(i)) for i in range(10)), tmp_path, SIZE, 5, progress=False)
+    _rewrite_member(tmp_path / "shard-000000.tar", member, data)
+    loader = ShardLoader(tmp_path, batch_size=4, num_workers=2, shuffle_buffer=1)
+    with pytest.raises(ShardDecodeError, match=message):
+        list(loader.epoch_batches(0))
+
+
+def test_missing_sample_pair_is_a_count_error(tmp_path):
+    write_shards(((f"k{i}", _image(i)) for i in range(10)), tmp_path, SIZE, 5, progress=False)
+    _rewrite_member(tmp_path / "shard-000001.tar", "0000000007.png", None)
+    _rewrite_member(tmp_path / "shard-000001.tar", "0000000007.json", None)
+    loader = ShardLoader(tmp_path, batch_size=4, shuffle_buffer=1)
+    with pytest.raises(ShardDecodeError, match=r"shard-000001.tar holds 4 samples .* says 5"):
+        list(loader.epoch_batches(0))
+
+
+def test_truncated_shard_is_named(tmp_path):
+    write_shards(((f"k{i}", _image(i)) for i in range(10)), tmp_path, SIZE, 5, progress=False)
+    path = tmp_path / "shard-000001.tar"
+    path.write_bytes(path.read_bytes()[:1500])
+    loader = ShardLoader(tmp_path, batch_size=4, shuffle_buffer=1)
+    with pytest.raises(ShardDecodeError, match=r"shard-000001.tar"):
+        list(loader.epoch_batches(0))
+
+
+def test_missing_shard_set_and_too_many_ranks(tmp_path, shards):
+    with pytest.raises(ValueError, match=r"no shard set at .*nowhere"):
+        ShardLoader(tmp_path / "nowhere", batch_size=4)
+    with pytest.raises(ValueError, match="has 11 shards, fewer than the 12 processes"):
+        ShardLoader(shards, batch_size=4, world_size=12)
+    with pytest.raises(ValueError, match="hold 8px images, not 32px"):
+        ShardLoader(shards, batch_size=4, image_size=32)

@@ -1,0 +1,123 @@
+"""Shard writer: row indices, manifest, checksums, and errors on bad sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcm_dist.shards import (
+    collect_sources,
+    load_keys,
+    load_manifest,
+    prepare_image,
+    verify_shards,
+    write_shards,
+)
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+
+def _images(count, size=20, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        yield f"img{i}", Image.fromarray(rng.integers(0, 256, (size, size + i, 3), dtype=np.uint8))
+
+
+def test_round_trip_rows_keys_and_manifest(tmp_path):
+    manifest = write_shards(_images(11), tmp_path, 16, 4, progress=False)
+    assert manifest["num_samples"] == 11
+    assert [(s["first_row"], s["count"]) for s in manifest["shards"]] == [(0, 4), (4, 4), (8, 3)]
+    assert load_manifest(tmp_path) == manifest
+    assert load_keys(tmp_path) == [f"img{i}" for i in range(11)]
+    verify_shards(tmp_path)
+    rows = []
+    for entry in manifest["shards"]:
+        with tarfile.open(tmp_path / entry["name"]) as tar:
+            names = sorted(tar.getnames())
+            for name in names:
+                data = tar.extractfile(name).read()
+                if name.endswith(".json"):
+                    meta = json.loads(data)
+                    assert name == f"{meta['row']:010d}.json"
+                    rows.append(meta["row"])
+                else:
+                    assert Image.open(io.BytesIO(data)).size == (16, 16)
+    assert rows == list(range(11))
+
+
+def test_shards_are_byte_identical_for_identical_input(tmp_path):
+    a = write_shards(_images(5), tmp_path / "a", 8, 2, progress=False)
+    b = write_shards(_images(5), tmp_path / "b", 8, 2, progress=False)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    write_shards(_images(3), tmp_path, 8, 2, progress=False)
+    with pytest.raises(ValueError, match="already holds a shard set"):
+        write_shards(_images(3), tmp_path, 8, 2, progress=False)
+    manifest = write_shards(_images(2), tmp_path, 8, 2, progress=False, overwrite=True)
+    assert manifest["num_samples"] == 2 and len(list(tmp_path.glob("shard-*.tar"))) == 1
+
+
+def test_prepare_image_centre_crops():
+    arr = np.zeros((10, 30, 3), dtype=np.uint8)
+    arr[:, 10:20] = 255  # the centre square is white, the sides black
+    out = prepare_image(Image.fromarray(arr), 10)
+    assert out.size == (10, 10) and np.asarray(out).min() == 255
+
+
+def test_verify_detects_corruption(tmp_path):
+    manifest = write_shards(_images(4), tmp_path, 8, 2, progress=False)
+    path = tmp_path / manifest["shards"][1]["name"]
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000001.tar does not match"):
+        verify_shards(tmp_path)
+
+
+def test_collect_sources_order_and_errors(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ["d/b.png", "d/a.jpg", "d/sub/c.png", "x.png"]:
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "d" / "notes.txt").write_text("not an image")
+    files = collect_sources([str(tmp_path / "x.png"), str(tmp_path / "d")])
+    rel = [f.replace(str(tmp_path) + "/", "") for f in files]
+    assert rel == ["x.png", "d/a.jpg", "d/b.png", "d/sub/c.png"]
+    assert len(collect_sources([str(tmp_path / "d" / "*.png")])) == 1
+    with pytest.raises(ValueError, match=r"'.*nothing\*\.png' matches no image"):
+        collect_sources([str(tmp_path / "nothing*.png")])
+    with pytest.raises(ValueError, match="does not exist"):
+        collect_sources([str(tmp_path / "missing")])
+
+
+def test_undecodable_source_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
+        write_shards([("broken", str(bad))], tmp_path / "out", 8, 2, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_make_shards_cli(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, (_, im) in enumerate(_images(5, size=24)):
+        im.save(src / f"p{i}.png")
+    cmd = [PYTHON, str(REPO / "launch/make_shards.py"), str(src), "--out", str(tmp_path / "s")]
+    args = ["--image-size", "16", "--samples-per-shard", "2", "--quiet", "--verify"]
+    done = subprocess.run(cmd + args, env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_manifest(tmp_path / "s")["num_samples"] == 5
+    bad = subprocess.run(
+        [PYTHON, str(REPO / "launch/make_shards.py"), str(tmp_path / "no*.png"), "--out", "x"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "matches no image files" in bad.stderr
