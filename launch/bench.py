@@ -1,6 +1,6 @@
 """Run a benchmark and print its measurements.
 
-    python launch/bench.py latent --json
+python launch/bench.py latent --json
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from lcm_dist.benchmarks import BENCHMARKS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
     args = parser.parse_args(argv)
     result = BENCHMARKS[args.name]()
     if args.json:

@@ -306,7 +306,9 @@ def validate(cfg: RunConfig) -> None:
     if d.num_workers < 0 or d.shuffle_buffer < 0:
         raise ValueError("config keys 'data.num_workers' and 'data.shuffle_buffer' must be >= 0")
     if lg.every_steps <= 0 or lg.image_every_steps < 0:
-        raise ValueError("config key 'log.every_steps' must be >= 1 and 'log.image_every_steps' >= 0")
+        raise ValueError(
+            "config key 'log.every_steps' must be >= 1 and 'log.image_every_steps' >= 0"
+        )
     if not m.latent_widths or min(m.latent_widths) <= 0:
         raise ValueError("config key 'model.latent_widths' must list positive channel counts")
     z_size = m.noise_size - 2 * len(m.latent_widths)

@@ -46,7 +46,9 @@ class Generator(nn.Module):
             c_cat = c_in + skip
             self.up.append(
                 nn.Sequential(
-                    nn.BatchNorm2d(c_cat), *_conv_bn_act(c_cat, c_out, 3), *_conv_bn_act(c_out, c_out, 1)
+                    nn.BatchNorm2d(c_cat),
+                    *_conv_bn_act(c_cat, c_out, 3),
+                    *_conv_bn_act(c_out, c_out, 1),
                 )
             )
             c_in = c_out

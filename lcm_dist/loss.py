@@ -29,7 +29,9 @@ def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return bands
 
 
-def laplacian_l1(x: torch.Tensor, y: torch.Tensor, levels: int, reduction: str = "mean") -> torch.Tensor:
+def laplacian_l1(
+    x: torch.Tensor, y: torch.Tensor, levels: int, reduction: str = "mean"
+) -> torch.Tensor:
     """Lap-L1(x, y) = sum_j 2^(-2j) * mean |L_j(x) - L_j(y)|, per image or averaged."""
     total = x.new_zeros(x.shape[0])
     for j, (bx, by) in enumerate(

@@ -129,7 +129,9 @@ def write_shards(
     if image_size <= 0 or samples_per_shard <= 0:
         raise ValueError("image_size and samples_per_shard must be positive")
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, not {image_format!r}")
+        raise ValueError(
+            f"image_format must be one of {sorted(IMAGE_FORMATS)}, not {image_format!r}"
+        )
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
         raise ValueError(f"{out} already holds a shard set (manifest.json); pass overwrite")

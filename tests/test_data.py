@@ -62,7 +62,7 @@ def test_every_image_once_per_epoch_with_its_row(shards, world, workers):
                 assert batch.epoch == epoch and batch.step_in_epoch == i
                 assert batch.images.shape[1:] == (3, SIZE, SIZE)
                 assert 1 <= len(batch.rows) <= 4
-                for row, image in zip(batch.rows.tolist(), batch.images):
+                for row, image in zip(batch.rows.tolist(), batch.images, strict=True):
                     torch.testing.assert_close(image, _expected(row), rtol=0, atol=0)
                 seen.extend(batch.rows.tolist())
         assert len(steps) == 1, "ranks must take the same number of steps per epoch"

@@ -1,0 +1,47 @@
+"""Train a Latent Convolutional Model.
+
+    python launch/train.py --config configs/demo.json
+    deepspeed --num_accelerators 2 launch/train.py --config configs/demo.json
+    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.json
+
+Override any config key with --set section.key=value (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lcm_dist.config import load_config
+from lcm_dist.trainer import NonFiniteLossError, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="path of the run's JSON config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    # The deepspeed launcher passes --local_rank; the environment carries the same.
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ValueError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

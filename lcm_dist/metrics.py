@@ -1,0 +1,95 @@
+"""Run reporting: TensorBoard scalars and image grids, and a progress bar with ETA.
+
+Only rank 0 writes; every other rank gets a ``NullLogger`` with the same methods, so the
+training loop never branches on the rank to log.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Stack equally sized (B, C, H, W) batches as grid rows: returns (C, H_total, W_total)."""
+    b, c, h, w = rows[0].shape
+    grid = torch.ones(c, len(rows) * (h + pad) + pad, b * (w + pad) + pad)
+    for r, batch in enumerate(rows):
+        for i in range(b):
+            top, left = pad + r * (h + pad), pad + i * (w + pad)
+            grid[:, top : top + h, left : left + w] = batch[i].detach().float().clamp(0, 1).cpu()
+    return grid
+
+
+class NullLogger:
+    """Does nothing: what non-logging ranks get."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        pass
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        pass
+
+    def progress(self, step: int, postfix: dict[str, float] | None = None) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """TensorBoard event files under ``<run_dir>/tb`` plus a tqdm progress bar."""
+
+    def __init__(
+        self, run_dir: str, total_steps: int, initial_step: int = 0, progress: bool = True
+    ):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=initial_step, unit="batch", dynamic_ncols=True
+            )
+        self._last = initial_step
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        self.writer.add_image(tag, image, step)
+        self.writer.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def progress(self, step: int, postfix: dict[str, float] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self._last)
+        self._last = step
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.writer.close()

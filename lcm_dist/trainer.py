@@ -1,0 +1,194 @@
+"""The training loop: per-image latent nets and the shared generator, trained jointly.
+
+One batch of B images: read their phi rows from the latent table as a (B, P) tensor, then run
+``train.inner_steps`` joint SGD updates. Each update evaluates all B latent nets at once, runs
+the generator under DeepSpeed, computes Lap-L1 + MSE, and does one backward pass that gives
+gradients for theta (averaged across ranks by DeepSpeed) and for phi (local: phi never enters
+the engine). phi is then stepped by plain SGD and its conv weights clamped. The updated rows go
+back to the table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lcm_dist import distributed
+from lcm_dist.config import RunConfig, write_resolved_config
+from lcm_dist.data import ShardLoader
+from lcm_dist.generator import Generator, count_parameters
+from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, initial_phi, phi_layout
+from lcm_dist.latent_table import InMemoryLatentTable
+from lcm_dist.loss import lcm_loss
+from lcm_dist.metrics import NullLogger, RunLogger, image_grid
+from lcm_dist.shards import load_manifest
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (used by the demo, tests and benchmarks)."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    images_per_second: float
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    """The DeepSpeed section as given, with the batch size filled in from ``data.batch_size``."""
+    ds = dict(cfg.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    # DeepSpeed prints a line every steps_per_print optimizer steps; the run has its own logs.
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) >= 1 and "zero_allow_untested_optimizer" not in ds:
+        # ZeRO refuses optimizers it has not been tested with (plain SGD among them).
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def _set_threads() -> None:
+    """Share the cores between the processes of a node (no launcher sets this for CPU runs)."""
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or continue) the training described by ``cfg``."""
+    import deepspeed
+
+    distributed.init_distributed()
+    _set_threads()
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.device()
+    torch.manual_seed(cfg.train.seed + rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # Data and latent table.
+    manifest = load_manifest(cfg.data.shards)
+    if manifest["image_size"] != cfg.model.image_size:
+        raise ValueError(
+            f"shards in {cfg.data.shards} hold {manifest['image_size']}px images but "
+            f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
+        )
+    num_rows = manifest["num_samples"]
+    table = InMemoryLatentTable(num_rows, initial_phi(cfg.model))
+
+    # Models.
+    latent_net = BatchedLatentNet(cfg.model).to(device)
+    clamp_mask = latent_net.mask
+    generator = Generator(cfg.model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=generator, model_parameters=generator.parameters(), config=deepspeed_config(cfg)
+    )
+
+    # Under bf16/fp16 DeepSpeed casts the generator; its input must follow.
+    gen_dtype = next(engine.module.parameters()).dtype
+
+    if distributed.is_main():
+        write_resolved_config(cfg, cfg.run_dir)
+        log = RunLogger(cfg.run_dir, cfg.train.max_steps, 0, cfg.log.progress)
+        log.message(
+            f"lcm-dist: {num_rows} images, {world} process(es), phi {phi_layout(cfg.model).size} "
+            f"floats/image, generator {count_parameters(generator):,} parameters"
+        )
+    else:
+        log = NullLogger()
+
+    loader = ShardLoader(
+        cfg.data.shards,
+        batch_size=cfg.data.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        image_size=cfg.model.image_size,
+    )
+    batches = iter(loader)
+
+    first_loss = last_loss = float("nan")
+    window_start, window_images = time.perf_counter(), 0
+    window_terms, window_steps = torch.zeros(3), 0
+    run_start = time.perf_counter()
+    images_per_second = 0.0
+    t = cfg.train
+    for step in range(1, t.max_steps + 1):
+        batch = next(batches)
+        images = batch.images.to(device)
+        rows = batch.rows
+
+        # Joint SGD on phi (local) and theta (DeepSpeed) for this batch.
+        phi = table.read_rows(rows).to(device).requires_grad_(True)
+        for _ in range(t.inner_steps):
+            z = latent_net(phi)
+            output = engine(z.to(gen_dtype)).float()
+            terms = lcm_loss(output, images, t.lap_levels, t.mse_weight)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the loss became {loss.item()} at step {step} on rank {rank} (rows "
+                    f"{rows[:4].tolist()}...); lower the learning rates in the config"
+                )
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                phi -= t.lr_phi * phi.grad
+                phi.grad = None
+                clamp_phi_(phi, clamp_mask, cfg.model.clamp)
+        table.write_rows(rows, phi.detach().cpu())
+
+        # Reporting: loss terms of each batch's last inner step, averaged over the log window
+        # (one batch's loss depends mostly on which images it holds; the window mean is the
+        # trend).
+        window_images += images.shape[0]
+        window_terms += torch.stack([terms["loss"], terms["lap_l1"], terms["mse"]]).detach().cpu()
+        window_steps += 1
+        if step % cfg.log.every_steps == 0 or step == t.max_steps:
+            values = distributed.mean_over_ranks(window_terms / window_steps)
+            window_terms, window_steps = torch.zeros(3), 0
+            elapsed = time.perf_counter() - window_start
+            images_per_second = distributed.sum_over_ranks(window_images / max(elapsed, 1e-9))
+            last_loss = float(values[0])
+            if math.isnan(first_loss):
+                first_loss = last_loss
+            log.scalars(
+                step,
+                {
+                    "loss/total": float(values[0]),
+                    "loss/lap_l1": float(values[1]),
+                    "loss/mse": float(values[2]),
+                    "perf/images_per_second": images_per_second,
+                    "lr/phi": t.lr_phi,
+                    "lr/theta": float(engine.get_lr()[0]),
+                    "data/epoch": float(batch.epoch),
+                },
+            )
+            log.progress(step, {"loss": last_loss, "img/s": images_per_second})
+            window_start, window_images = time.perf_counter(), 0
+        else:
+            log.progress(step)
+        if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
+            n = min(8, images.shape[0])
+            log.image(step, "reconstruction", image_grid([images[:n], output[:n].detach()]))
+
+    total = time.perf_counter() - run_start
+    log.close()
+    log.message(
+        f"done: {t.max_steps} batches in {total:.1f}s, loss {first_loss:.4f} -> {last_loss:.4f}"
+    )
+    table.flush()
+    table.close()
+    return TrainResult(t.max_steps, first_loss, last_loss, images_per_second)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny shard sets built from scikit-image's bundled photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """64 crops at 32x32 in 8 shards of 8."""
+    from lcm_dist.demo import random_crops
+    from lcm_dist.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(random_crops(64, 32, seed=1), out, 32, 8, progress=False)
+    return out
+
+
+def run_config(tmp_path: Path, shards: Path, **sections) -> Path:
+    """Write a small CPU run config; keyword arguments update whole sections' keys."""
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"preset": "demo32"},
+        "data": {"shards": str(shards), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8},
+        "train": {"max_steps": 3, "inner_steps": 2},
+        "log": {"every_steps": 1, "image_every_steps": 2, "progress": False},
+        "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+PYTHON = sys.executable

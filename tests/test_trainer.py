@@ -1,0 +1,98 @@
+"""Training end to end: in one process, and as two gloo processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, REPO, free_port, run_config, subprocess_env
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return acc
+
+
+def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
+    cfg_path = run_config(
+        tmp_path, demo_shards, train={"max_steps": 16, "inner_steps": 4}, log={"every_steps": 4}
+    )
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["train"]["max_steps"] == 16
+    acc = read_scalars(run)
+    losses = [e.value for e in acc.Scalars("loss/total")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert {"loss/lap_l1", "loss/mse", "perf/images_per_second", "lr/phi", "lr/theta"} <= set(
+        acc.Tags()["scalars"]
+    )
+    assert "reconstruction" in acc.Tags()["images"]
+
+
+def test_bad_config_key_exits_with_one_line(tmp_path, demo_shards):
+    cfg_path = run_config(tmp_path, demo_shards, train={"lr_phy": 1.0})
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'train.lr_phy'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_with_one_line(tmp_path, demo_shards):
+    # phi's normalization scale and shift are not clamped: a huge lr_phi overflows them.
+    cfg_path = run_config(tmp_path, demo_shards, train={"lr_phi": 1e38})
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "error: the loss became nan at step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+LAUNCHERS = {
+    "torchrun": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "deepspeed": [PYTHON, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_gloo_training(tmp_path, demo_shards, launcher):
+    cfg_path = run_config(tmp_path, demo_shards, deepspeed={"zero_optimization": {"stage": 2}})
+    cmd = LAUNCHERS[launcher] + ["--master_port", str(free_port())]
+    cmd += ["launch/train.py", "--config", str(cfg_path)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    acc = read_scalars(tmp_path / "run")
+    losses = [e.value for e in acc.Scalars("loss/total")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
