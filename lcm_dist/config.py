@@ -116,6 +116,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the per-image phi vectors live and how they are paged through memory."""
+
+    url: str = ""
+    """Zarr v3 latent store: a local path or any fsspec URL (s3://..., memory://...);
+    empty = <run_dir>/latents.zarr."""
+    rows_per_chunk: int = 0
+    """Rows (images) per Zarr chunk; must divide the shards' samples_per_shard. 0 = the largest
+    divisor of samples_per_shard whose chunk is at most 8 MB."""
+    codec: str = "none"
+    """Chunk compression: none, zstd or blosc (phi compresses little; compression costs CPU)."""
+    codec_level: int = 1
+    """Compression level of zstd or blosc."""
+    dtype: str = "float32"
+    """Storage dtype of phi: float32 or float16 (computation is always float32)."""
+    cache_bytes: int = 1 << 30
+    """Memory budget of the write-back cache, in bytes per process."""
+    io_threads: int = 2
+    """Background threads that prefetch and write back chunks."""
+    prefetch_chunks: int = 64
+    """How many chunks ahead of the current position the cache may read (budget permitting)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for the store URL (e.g. endpoint_url, key, secret for s3)."""
+    in_ram: bool = False
+    """Keep all latents in RAM instead (no store, nothing saved): small datasets, benchmarks."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """What the run reports and how often."""
 
@@ -136,6 +164,7 @@ class RunConfig:
     train: TrainConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: dict = field(default_factory=dict)
     """Passed verbatim to deepspeed.initialize (optimizer, ZeRO stage, precision, ...)."""
@@ -329,6 +358,18 @@ def validate(cfg: RunConfig) -> None:
         )
     if m.clamp <= 0 or m.noise_scale <= 0:
         raise ValueError("config keys 'model.clamp' and 'model.noise_scale' must be positive")
+    st = cfg.store
+    if st.rows_per_chunk < 0:
+        raise ValueError("config key 'store.rows_per_chunk' must be >= 0 (0 = automatic)")
+    if st.codec not in ("none", "zstd", "blosc"):
+        raise ValueError(f"config key 'store.codec' is {st.codec!r}; use none, zstd or blosc")
+    if st.dtype not in ("float32", "float16"):
+        raise ValueError(f"config key 'store.dtype' is {st.dtype!r}; use float32 or float16")
+    if st.cache_bytes <= 0 or st.io_threads <= 0 or st.prefetch_chunks < 0:
+        raise ValueError(
+            "config keys 'store.cache_bytes' and 'store.io_threads' must be positive and "
+            "'store.prefetch_chunks' >= 0"
+        )
     ds = cfg.deepspeed
     if "optimizer" not in ds:
         raise ValueError(

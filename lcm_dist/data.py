@@ -68,6 +68,37 @@ def steps_per_epoch(manifest: dict, world_size: int, batch_size: int) -> int:
     return math.ceil(min(per_rank, manifest["num_samples"]) / batch_size)
 
 
+def chunk_need_order(
+    manifest: dict, shard_ids: list[int], num_workers: int, rows_per_chunk: int
+) -> list[int]:
+    """The latent-store chunks of a rank's shards in the order the rank will need them.
+
+    Loader worker w reads shards ``shard_ids[w::W]`` one after the other and the DataLoader
+    takes samples from the workers in turn, so the j-th shards of all workers are read at the
+    same time: their chunks are interleaved.
+    """
+    from lcm_dist.latent_store import chunks_of_rows
+
+    workers = max(1, num_workers)
+    per_worker = [shard_ids[w::workers] for w in range(workers)]
+    order: list[int] = []
+    seen: set[int] = set()
+    for j in range(max(len(p) for p in per_worker)):
+        lists = []
+        for shards in per_worker:
+            if j < len(shards):
+                entry = manifest["shards"][shards[j]]
+                lists.append(
+                    list(chunks_of_rows(entry["first_row"], entry["count"], rows_per_chunk))
+                )
+        for k in range(max(len(chunks) for chunks in lists)):
+            for chunks in lists:
+                if k < len(chunks) and chunks[k] not in seen:
+                    seen.add(chunks[k])
+                    order.append(chunks[k])
+    return order
+
+
 def batch_sizes(num_images: int, steps: int) -> list[int]:
     """Split ``num_images`` into ``steps`` batches whose sizes differ by at most one."""
     base, extra = divmod(num_images, steps)

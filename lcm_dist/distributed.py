@@ -82,6 +82,14 @@ def sum_over_ranks(value: float) -> float:
     return float(t.item())
 
 
+def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of a CPU tensor over all processes (a copy; itself in one process)."""
+    values = values.clone()
+    if world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())

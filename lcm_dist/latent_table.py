@@ -1,9 +1,10 @@
 """An in-memory latent table: every image's phi row held in RAM.
 
-It is the reference implementation of the interface the on-disk latent store implements:
-rows that were never trained read as the shared initial phi, ``read_rows`` hands a batch's rows
-to the step as one (B, P) tensor and ``write_rows`` takes the updated rows back. Its memory is
-N x P floats, so it only suits small datasets, tests and benchmarks.
+It has the interface of the write-back cache over the Zarr store (``lcm_dist.cache``): rows
+that were never trained read as the shared initial phi, ``read_rows`` hands a batch's rows to the
+step as one (B, P) tensor and ``write_rows`` takes the updated rows back. Its memory is N x P
+floats, it is private to one process and nothing is saved, so it only suits single-process runs
+on small datasets (``store.in_ram``), and it is the reference in tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -44,11 +45,31 @@ class InMemoryLatentTable:
             )
         self.rows[rows] = values.detach().to(self.rows.dtype)
 
+    # The rest of the WriteBackCache interface: nothing to page, write back or exchange.
+
+    def begin_epoch(self, chunk_order: list[int]) -> None:
+        pass
+
+    def end_epoch(self) -> None:
+        pass
+
     def flush(self) -> None:
-        """Nothing to write back: the table lives in memory."""
+        pass
 
     def close(self) -> None:
-        """Release nothing; present for interface parity with the on-disk store."""
+        pass
+
+    def changes(self) -> dict[int, int]:
+        return {}
+
+    def apply_changes(self, changes: dict[int, int]) -> None:
+        pass
+
+    def commit(self, persist: bool = True) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        return {"store/resident_bytes": self.rows.numel() * 4}
 
     def state_dict(self) -> dict:
         return {"rows": self.rows.clone()}

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from lcm_dist import distributed
+from lcm_dist.cache import WriteBackCache
 from lcm_dist.config import RunConfig, write_resolved_config
-from lcm_dist.data import ShardLoader
+from lcm_dist.data import ShardLoader, chunk_need_order
 from lcm_dist.generator import Generator, count_parameters
 from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, initial_phi, phi_layout
+from lcm_dist.latent_store import open_run_store
 from lcm_dist.latent_table import InMemoryLatentTable
 from lcm_dist.loss import lcm_loss
 from lcm_dist.metrics import NullLogger, RunLogger, image_grid
@@ -64,6 +66,58 @@ def _set_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
 
 
+def open_latents(cfg: RunConfig, manifest: dict) -> WriteBackCache | InMemoryLatentTable:
+    """The run's phi rows: the Zarr store (rank 0 creates it) behind a write-back cache, or,
+    with ``store.in_ram``, a table in this process's memory."""
+    if cfg.store.in_ram:
+        if distributed.world_size() > 1:
+            raise ValueError(
+                "store.in_ram keeps latents private to one process; with several processes use "
+                "the Zarr store (set store.in_ram to false)"
+            )
+        return InMemoryLatentTable(manifest["num_samples"], initial_phi(cfg.model))
+    if distributed.is_main():
+        store = open_run_store(cfg, manifest, create=True)
+    distributed.barrier()
+    if not distributed.is_main():
+        store = open_run_store(cfg, manifest, create=False)
+    min_budget = cfg.data.batch_size * store.rows_per_chunk * store.phi_size * 4
+    if cfg.store.cache_bytes < min_budget:
+        raise ValueError(
+            f"store.cache_bytes ({cfg.store.cache_bytes}) is below the {min_budget} bytes that "
+            f"the chunks of one batch may need ({cfg.data.batch_size} x "
+            f"{store.rows_per_chunk} rows x {store.phi_size} floats); raise it"
+        )
+    return WriteBackCache(
+        store, cfg.store.cache_bytes, cfg.store.io_threads, cfg.store.prefetch_chunks
+    )
+
+
+def _chunk_order(cfg: RunConfig, loader: ShardLoader, latents, epoch: int) -> list[int]:
+    if isinstance(latents, InMemoryLatentTable):
+        return []
+    shard_ids, _ = loader.plan(epoch)
+    return chunk_need_order(
+        loader.manifest, shard_ids, cfg.data.num_workers, latents.rows_per_chunk
+    )
+
+
+def _commit_latents(latents) -> None:
+    """Share where every process wrote its chunks, then commit the slot table (rank 0 writes
+    it). Every process has finished its writes before this (flush), and the exchange is a
+    collective, so the next epoch's reads see every chunk's newest data."""
+    changes = latents.changes()
+    if distributed.world_size() > 1:
+        # Each chunk was written by at most one process: -2 marks "not mine", MAX merges.
+        table = torch.full((latents.store.num_chunks,), -2, dtype=torch.int32)
+        for chunk, slot in changes.items():
+            table[chunk] = slot
+        table = distributed.max_over_ranks(table)
+        changes = {int(c): int(table[c]) for c in torch.nonzero(table > -2).flatten()}
+    latents.apply_changes(changes)
+    latents.commit(persist=distributed.is_main())
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or continue) the training described by ``cfg``."""
     import deepspeed
@@ -84,7 +138,7 @@ def train(cfg: RunConfig) -> TrainResult:
             f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
         )
     num_rows = manifest["num_samples"]
-    table = InMemoryLatentTable(num_rows, initial_phi(cfg.model))
+    latents = open_latents(cfg, manifest)
 
     # Models.
     latent_net = BatchedLatentNet(cfg.model).to(device)
@@ -118,6 +172,7 @@ def train(cfg: RunConfig) -> TrainResult:
         image_size=cfg.model.image_size,
     )
     batches = iter(loader)
+    epoch = None
 
     first_loss = last_loss = float("nan")
     window_start, window_images = time.perf_counter(), 0
@@ -129,9 +184,15 @@ def train(cfg: RunConfig) -> TrainResult:
         batch = next(batches)
         images = batch.images.to(device)
         rows = batch.rows
+        if batch.epoch != epoch:
+            if epoch is not None:
+                latents.end_epoch()
+                _commit_latents(latents)
+            epoch = batch.epoch
+            latents.begin_epoch(_chunk_order(cfg, loader, latents, epoch))
 
         # Joint SGD on phi (local) and theta (DeepSpeed) for this batch.
-        phi = table.read_rows(rows).to(device).requires_grad_(True)
+        phi = latents.read_rows(rows).to(device).requires_grad_(True)
         for _ in range(t.inner_steps):
             z = latent_net(phi)
             output = engine(z.to(gen_dtype)).float()
@@ -148,7 +209,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 phi -= t.lr_phi * phi.grad
                 phi.grad = None
                 clamp_phi_(phi, clamp_mask, cfg.model.clamp)
-        table.write_rows(rows, phi.detach().cpu())
+        latents.write_rows(rows, phi.detach().cpu())
 
         # Reporting: loss terms of each batch's last inner step, averaged over the log window
         # (one batch's loss depends mostly on which images it holds; the window mean is the
@@ -174,6 +235,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     "lr/phi": t.lr_phi,
                     "lr/theta": float(engine.get_lr()[0]),
                     "data/epoch": float(batch.epoch),
+                    **latents.stats(),
                 },
             )
             log.progress(step, {"loss": last_loss, "img/s": images_per_second})
@@ -189,6 +251,7 @@ def train(cfg: RunConfig) -> TrainResult:
     log.message(
         f"done: {t.max_steps} batches in {total:.1f}s, loss {first_loss:.4f} -> {last_loss:.4f}"
     )
-    table.flush()
-    table.close()
+    latents.flush()
+    _commit_latents(latents)
+    latents.close()
     return TrainResult(t.max_steps, first_loss, last_loss, images_per_second)

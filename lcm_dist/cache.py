@@ -1,0 +1,320 @@
+"""The write-back cache: a rank's window onto the latent store, within a memory budget.
+
+The cache is told, at the start of each epoch, the order in which this rank will need the
+store's chunks (a pure function of the epoch's shard plan). It reads chunks ahead of the
+training step in background threads, hands the step a batch's rows as one (B, P) tensor, takes
+the updated rows back as dirty, and once every row of a chunk has come back (each image is seen
+once per epoch) writes the chunk back in the background and frees it. So in steady state the
+step never waits on I/O, each chunk is read once and written once per epoch, and resident
+memory stays under ``budget_bytes`` however large the store is.
+
+If the budget is too small for the chunks in flight, clean chunks furthest in the future are
+dropped first; a dirty chunk that must leave early is written back (to the uncommitted slot)
+and read again when needed: correct, only slower.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lcm_dist.latent_store import LatentStore
+
+
+class StoreIOError(RuntimeError):
+    """Reading or writing a chunk of the latent store failed in a background thread."""
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    state: str = "loading"  # loading -> ready <-> writing
+    data: np.ndarray | None = None
+    dirty: bool = False
+    pinned: bool = False  # rows handed to the step and not yet written back
+    drop_after_write: bool = False
+
+
+class WriteBackCache:
+    """Pages phi rows of a LatentStore through a bounded amount of memory."""
+
+    def __init__(
+        self,
+        store: LatentStore,
+        budget_bytes: int,
+        io_threads: int = 2,
+        prefetch_chunks: int = 64,
+    ):
+        self.store = store
+        self.rows_per_chunk = store.rows_per_chunk
+        self.phi_size = store.phi_size
+        self.budget = int(budget_bytes)
+        self.chunk_bytes = self.rows_per_chunk * self.phi_size * 4
+        if self.budget < self.chunk_bytes:
+            raise ValueError(
+                f"store.cache_bytes ({self.budget}) is smaller than one chunk "
+                f"({self.chunk_bytes} bytes); raise it or lower store.rows_per_chunk"
+            )
+        self.prefetch_chunks = prefetch_chunks
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="latent-io")
+        self._cond = threading.Condition()
+        self._entries: dict[int, _Entry] = {}
+        self._resident = 0
+        self._error: str | None = None
+        self.peak_resident = 0
+        self.wait_seconds = 0.0
+        self._order: list[int] = []
+        self._pos: dict[int, int] = {}
+        self._next = 0
+        self._cursor = -1
+        self._seen: dict[int, np.ndarray] = {}
+        self._done: set[int] = set()
+
+    # Epochs.
+
+    def begin_epoch(self, chunk_order: list[int]) -> None:
+        """The chunks this rank will need this epoch, in the order it will need them."""
+        with self._cond:
+            self._order = list(chunk_order)
+            self._pos = {c: i for i, c in enumerate(self._order)}
+            self._next, self._cursor = 0, -1
+            self._seen.clear()
+            self._done.clear()
+        self._prefetch()
+
+    def end_epoch(self) -> None:
+        """Write back every dirty chunk, wait for all I/O, and free all memory."""
+        self.flush()
+        with self._cond:
+            for chunk in [c for c, e in self._entries.items() if e.state == "ready"]:
+                self._release(chunk)
+            self._order, self._pos = [], {}
+            self._seen.clear()
+            self._done.clear()
+
+    def flush(self) -> None:
+        """Write back every dirty chunk and wait until all background I/O has finished."""
+        start = time.perf_counter()
+        with self._cond:
+            for chunk, entry in self._entries.items():
+                if entry.state == "ready" and entry.dirty:
+                    self._start_write(chunk, drop=False)
+            while any(e.state != "ready" for e in self._entries.values()):
+                self._wait()
+            self._check()
+        self.wait_seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.shutdown(wait=True)
+
+    # The step's interface.
+
+    def read_rows(self, rows) -> torch.Tensor:
+        """The rows' phi as a new (B, P) float32 tensor."""
+        rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64).reshape(-1)
+        self._check_rows(rows)
+        chunks = np.unique(rows // self.rows_per_chunk).tolist()
+        need = sum(self._nbytes(c) for c in chunks)
+        if need > self.budget:
+            raise ValueError(
+                f"store.cache_bytes ({self.budget}) cannot hold the {len(chunks)} chunks one batch "
+                f"touches ({need} bytes); raise it"
+            )
+        out = np.empty((rows.size, self.phi_size), dtype=np.float32)
+        start = time.perf_counter()
+        waited = False
+        with self._cond:
+            self._check()
+            for entry in self._entries.values():
+                entry.pinned = False
+            wanted = set(chunks)
+            for chunk in chunks:
+                self._cursor = max(self._cursor, self._pos.get(chunk, -1))
+                if chunk not in self._entries:
+                    waited |= self._make_room(self._nbytes(chunk), wanted)
+                    self._start_load(chunk)
+            for chunk in chunks:
+                while self._entries[chunk].state != "ready":
+                    waited = True
+                    self._wait()
+                self._entries[chunk].pinned = True
+            for chunk in chunks:
+                sel = rows // self.rows_per_chunk == chunk
+                out[sel] = self._entries[chunk].data[rows[sel] - chunk * self.rows_per_chunk]
+        if waited:
+            self.wait_seconds += time.perf_counter() - start
+        self._prefetch()
+        return torch.from_numpy(out)
+
+    def write_rows(self, rows, values: torch.Tensor) -> None:
+        """Take a batch's updated rows back; complete chunks are written back in the background."""
+        rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64).reshape(-1)
+        self._check_rows(rows)
+        values = values.detach().cpu().float().numpy()
+        if values.shape != (rows.size, self.phi_size):
+            raise ValueError(f"expected values of shape ({rows.size}, {self.phi_size})")
+        start = time.perf_counter()
+        waited = False
+        with self._cond:
+            self._check()
+            chunks = np.unique(rows // self.rows_per_chunk).tolist()
+            for chunk in chunks:
+                if chunk not in self._entries:  # left early under memory pressure
+                    waited |= self._make_room(self._nbytes(chunk), set(chunks))
+                    self._start_load(chunk)
+                while self._entries[chunk].state != "ready":
+                    waited = True
+                    self._wait()
+                entry = self._entries[chunk]
+                sel = rows // self.rows_per_chunk == chunk
+                local = rows[sel] - chunk * self.rows_per_chunk
+                entry.data[local] = values[sel]
+                entry.dirty = True
+                entry.pinned = False
+                lo, hi = self.store.chunk_bounds(chunk)
+                seen = self._seen.setdefault(chunk, np.zeros(hi - lo, dtype=bool))
+                seen[local] = True
+                if seen.all():
+                    self._done.add(chunk)
+                    self._start_write(chunk, drop=True)
+        if waited:
+            self.wait_seconds += time.perf_counter() - start
+        self._prefetch()
+
+    # Slot tables (shadow paging), passed through to the store.
+
+    def changes(self) -> dict[int, int]:
+        return self.store.changes()
+
+    def apply_changes(self, changes: dict[int, int]) -> None:
+        self.store.apply_changes(changes)
+
+    def commit(self, persist: bool = True) -> None:
+        self.store.commit(persist)
+
+    def stats(self) -> dict[str, float]:
+        c = self.store.counters
+        return {
+            "store/bytes_read": c.bytes_read,
+            "store/bytes_written": c.bytes_written,
+            "store/chunk_reads": c.chunk_reads,
+            "store/chunk_writes": c.chunk_writes,
+            "store/io_wait_seconds": self.wait_seconds,
+            "store/resident_bytes": self._resident,
+            "store/peak_resident_bytes": self.peak_resident,
+        }
+
+    # Internals; the callers hold self._cond.
+
+    def _nbytes(self, chunk: int) -> int:
+        lo, hi = self.store.chunk_bounds(chunk)
+        return (hi - lo) * self.phi_size * 4
+
+    def _check_rows(self, rows: np.ndarray) -> None:
+        if rows.size and (rows.min() < 0 or rows.max() >= self.store.num_rows):
+            raise IndexError(
+                f"row {int(rows.max())} is outside the latent store's {self.store.num_rows} rows"
+            )
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise StoreIOError(self._error)
+
+    def _wait(self) -> None:
+        self._cond.wait(timeout=1.0)
+        self._check()
+
+    def _reserve(self, chunk: int) -> _Entry:
+        entry = _Entry(self._nbytes(chunk))
+        self._entries[chunk] = entry
+        self._resident += entry.nbytes
+        self.peak_resident = max(self.peak_resident, self._resident)
+        return entry
+
+    def _release(self, chunk: int) -> None:
+        entry = self._entries.pop(chunk)
+        self._resident -= entry.nbytes
+
+    def _make_room(self, nbytes: int, keep: set[int]) -> bool:
+        """Free memory until ``nbytes`` more fit; returns whether it had to wait."""
+        waited = False
+        while self._resident + nbytes > self.budget:
+            victims = [
+                c
+                for c, e in self._entries.items()
+                if e.state == "ready" and not e.pinned and c not in keep
+            ]
+            clean = [c for c in victims if not self._entries[c].dirty]
+            far = lambda c: self._pos.get(c, len(self._order))  # noqa: E731
+            if clean:
+                self._release(max(clean, key=far))
+                continue
+            if victims:
+                self._start_write(max(victims, key=far), drop=True)
+            waited = True
+            self._wait()
+        return waited
+
+    def _start_load(self, chunk: int) -> None:
+        self._reserve(chunk)
+        self._pool.submit(self._load, chunk)
+
+    def _load(self, chunk: int) -> None:
+        try:
+            data = self.store.read_chunk(chunk)
+        except Exception as err:  # reported to the step's thread
+            with self._cond:
+                self._error = (
+                    f"reading chunk {chunk} of latent store {self.store.url} failed: {err}"
+                )
+                self._cond.notify_all()
+            return
+        with self._cond:
+            entry = self._entries[chunk]
+            entry.data, entry.state = data, "ready"
+            self._cond.notify_all()
+
+    def _start_write(self, chunk: int, drop: bool) -> None:
+        entry = self._entries[chunk]
+        entry.state = "writing"
+        entry.drop_after_write = drop
+        self._pool.submit(self._write, chunk, entry.data)
+
+    def _write(self, chunk: int, data: np.ndarray) -> None:
+        try:
+            self.store.write_chunk(chunk, data)
+        except Exception as err:
+            with self._cond:
+                self._error = (
+                    f"writing chunk {chunk} of latent store {self.store.url} failed: {err}"
+                )
+                self._cond.notify_all()
+            return
+        with self._cond:
+            entry = self._entries[chunk]
+            entry.dirty = False
+            entry.state = "ready"
+            if entry.drop_after_write:
+                self._release(chunk)
+            self._cond.notify_all()
+
+    def _prefetch(self) -> None:
+        """Start reads of the next chunks in this epoch's order while the budget allows."""
+        with self._cond:
+            while (
+                self._next < len(self._order) and self._next <= self._cursor + self.prefetch_chunks
+            ):
+                chunk = self._order[self._next]
+                if chunk in self._entries or chunk in self._done:
+                    self._next += 1
+                    continue
+                if self._resident + self._nbytes(chunk) > self.budget:
+                    break
+                self._start_load(chunk)
+                self._next += 1

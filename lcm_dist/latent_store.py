@@ -1,0 +1,370 @@
+"""The latent store: every image's phi row in a chunked Zarr v3 group on any fsspec URL.
+
+Layout of the group (``zarr.open_group(url)`` reads it with plain zarr-python)::
+
+    attrs     format, version, num_rows, phi_size, rows_per_chunk, dtype, codec, model
+    initial   (P,) float32        the shared initial phi every image starts from
+    slot0     (N, P) dtype        chunk data, chunks of (rows_per_chunk, P): whole rows
+    slot1     (N, P) dtype        the second copy of every chunk (shadow paging)
+    slots     (num_chunks,) int8  which slot holds each chunk's committed data; -1 = never
+                                  written, the rows read as ``initial``
+
+Creating a store writes only metadata and ``initial``: O(1) in the number of rows. A chunk
+that was never written costs nothing to read: its rows are ``initial``.
+
+Shadow paging: a chunk is always written to the slot that the committed table does *not*
+point at, so a write never touches committed data. The live table (in memory) says where each
+chunk's newest data is; ``commit`` makes it the committed one by writing ``slots``. A process
+that dies between commits leaves the committed state readable as it was.
+
+Index arithmetic (which rows live in which chunk) is in pure functions at the top.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = "lcm-dist-latents"
+VERSION = 1
+MAX_AUTO_CHUNK_BYTES = 8 << 20
+SLOTS_CHUNK = 1 << 20
+
+
+def num_chunks(num_rows: int, rows_per_chunk: int) -> int:
+    return -(-num_rows // rows_per_chunk)
+
+
+def chunk_bounds(chunk: int, rows_per_chunk: int, num_rows: int) -> tuple[int, int]:
+    """[start, stop) rows of ``chunk`` (the last chunk may be short)."""
+    start = chunk * rows_per_chunk
+    return start, min(start + rows_per_chunk, num_rows)
+
+
+def chunks_of_rows(first_row: int, count: int, rows_per_chunk: int) -> range:
+    """The chunks that hold rows [first_row, first_row + count)."""
+    if count <= 0:
+        return range(0)
+    return range(first_row // rows_per_chunk, (first_row + count - 1) // rows_per_chunk + 1)
+
+
+def auto_rows_per_chunk(samples_per_shard: int, row_bytes: int) -> int:
+    """The largest divisor of ``samples_per_shard`` whose chunk is at most 8 MB (at least 1):
+    a shard then maps to whole chunks, and chunks are big enough that Zarr's per-chunk cost
+    (~1 ms) is small next to the data."""
+    best = 1
+    for d in range(1, samples_per_shard + 1):
+        if samples_per_shard % d == 0 and d * row_bytes <= MAX_AUTO_CHUNK_BYTES:
+            best = d
+    return best
+
+
+def model_signature(model_cfg) -> dict:
+    """What a store records about the model, to refuse a config it was not made for."""
+    from lcm_dist.latent_net import phi_layout
+
+    return {
+        "phi_size": phi_layout(model_cfg).size,
+        "noise_channels": model_cfg.noise_channels,
+        "latent_widths": list(model_cfg.latent_widths),
+        "phi_init_seed": model_cfg.phi_init_seed,
+        "preset": model_cfg.preset,
+    }
+
+
+def _codecs(codec: str, level: int) -> list:
+    import zarr.codecs
+
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [zarr.codecs.ZstdCodec(level=level)]
+    if codec == "blosc":
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")]
+    raise ValueError(f"unknown latent store codec {codec!r}; use none, zstd or blosc")
+
+
+@dataclass
+class IOCounters:
+    """Cumulative store traffic (logical bytes: rows x P x storage itemsize)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    chunk_reads: int = 0
+    chunk_writes: int = 0
+
+
+class LatentStore:
+    """N phi rows in a Zarr v3 group. Thread-safe for reads and writes of distinct chunks."""
+
+    def __init__(self, group, url: str):
+        import zarr
+
+        self.url = url
+        self.group = group
+        attrs = dict(group.attrs)
+        self.attrs = attrs
+        self.num_rows = int(attrs["num_rows"])
+        self.phi_size = int(attrs["phi_size"])
+        self.rows_per_chunk = int(attrs["rows_per_chunk"])
+        self.num_chunks = num_chunks(self.num_rows, self.rows_per_chunk)
+        self.dtype = np.dtype(attrs["dtype"])
+        self.initial = np.asarray(group["initial"][:], dtype=np.float32)
+        self._data = [group["slot0"], group["slot1"]]
+        self._slots_array: zarr.Array = group["slots"]
+        self.committed = np.asarray(self._slots_array[:], dtype=np.int8)
+        self.live = self.committed.copy()
+        self.counters = IOCounters()
+        self._lock = threading.Lock()
+
+    # Creating and opening.
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        num_rows: int,
+        initial: np.ndarray,
+        signature: dict,
+        rows_per_chunk: int,
+        codec: str = "none",
+        codec_level: int = 1,
+        dtype: str = "float32",
+        storage_options: dict | None = None,
+    ) -> LatentStore:
+        """Create an empty store (every row reads as ``initial``); fails if one exists."""
+        import zarr
+
+        initial = np.asarray(initial, dtype=np.float32).reshape(-1)
+        if num_rows <= 0 or rows_per_chunk <= 0:
+            raise ValueError("a latent store needs num_rows and rows_per_chunk > 0")
+        if initial.size != signature["phi_size"]:
+            raise ValueError("initial phi does not have the signature's phi_size")
+        try:
+            group = zarr.open_group(url, mode="w-", storage_options=storage_options or None)
+        except FileExistsError:
+            raise ValueError(f"cannot create a latent store at {url}: it already exists") from None
+        except Exception as err:
+            raise ValueError(f"cannot create a latent store at {url}: {_reason(err)}") from None
+        chunks = num_chunks(num_rows, rows_per_chunk)
+        for name in ("slot0", "slot1"):
+            group.create_array(
+                name,
+                shape=(num_rows, initial.size),
+                chunks=(rows_per_chunk, initial.size),
+                dtype=dtype,
+                fill_value=0,
+                compressors=_codecs(codec, codec_level),
+            )
+        init = group.create_array("initial", shape=(initial.size,), dtype="float32")
+        init[:] = initial
+        group.create_array(
+            "slots",
+            shape=(chunks,),
+            chunks=(min(chunks, SLOTS_CHUNK),),
+            dtype="int8",
+            fill_value=-1,
+        )
+        group.attrs.update(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "num_rows": num_rows,
+                "phi_size": int(initial.size),
+                "rows_per_chunk": rows_per_chunk,
+                "dtype": dtype,
+                "codec": codec,
+                "model": signature,
+            }
+        )
+        return cls(group, url)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        signature: dict | None = None,
+        min_rows: int = 0,
+        storage_options: dict | None = None,
+        mode: str = "r+",
+    ) -> LatentStore:
+        """Open an existing store, checking it against the model and the dataset size."""
+        import zarr
+
+        try:
+            group = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+            attrs = dict(group.attrs)
+        except FileNotFoundError:
+            raise ValueError(f"no latent store at {url}") from None
+        except Exception as err:
+            raise ValueError(f"cannot open the latent store at {url}: {_reason(err)}") from None
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{url} is a Zarr group but not an lcm-dist latent store")
+        if attrs.get("version") != VERSION:
+            raise ValueError(
+                f"latent store {url} has format version {attrs.get('version')}; "
+                f"this lcm-dist reads version {VERSION}"
+            )
+        if signature is not None and attrs.get("model") != signature:
+            theirs, ours = attrs.get("model", {}), signature
+            diff = ", ".join(
+                f"{k}: store {theirs.get(k)!r} vs config {ours.get(k)!r}"
+                for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)
+            )
+            raise ValueError(
+                f"latent store {url} was made for another model ({diff}); point store.url "
+                "elsewhere or use the model it was made for"
+            )
+        if attrs["num_rows"] < min_rows:
+            raise ValueError(
+                f"latent store {url} holds {attrs['num_rows']} rows but the dataset has "
+                f"{min_rows} images; make a new store for this dataset"
+            )
+        return cls(group, url)
+
+    @classmethod
+    def exists(cls, url: str, storage_options: dict | None = None) -> bool:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return fs.exists(path.rstrip("/") + "/zarr.json")
+
+    # Chunks.
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk_bounds(chunk, self.rows_per_chunk, self.num_rows)
+
+    def chunk_nbytes(self, chunk: int) -> int:
+        """Logical bytes of a chunk as stored."""
+        start, stop = self.chunk_bounds(chunk)
+        return (stop - start) * self.phi_size * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Logical bytes of all rows as stored (one slot)."""
+        return self.num_rows * self.phi_size * self.dtype.itemsize
+
+    def read_chunk(self, chunk: int) -> np.ndarray:
+        """The chunk's newest rows as a new (rows, P) float32 array."""
+        start, stop = self.chunk_bounds(chunk)
+        slot = int(self.live[chunk])
+        if slot < 0:
+            return np.broadcast_to(self.initial, (stop - start, self.phi_size)).copy()
+        data = np.asarray(self._data[slot][start:stop], dtype=np.float32)
+        with self._lock:
+            self.counters.bytes_read += self.chunk_nbytes(chunk)
+            self.counters.chunk_reads += 1
+        return data
+
+    def write_chunk(self, chunk: int, data: np.ndarray) -> None:
+        """Write a whole chunk to the slot the committed table does not use."""
+        start, stop = self.chunk_bounds(chunk)
+        if data.shape != (stop - start, self.phi_size):
+            raise ValueError(f"chunk {chunk} needs shape {(stop - start, self.phi_size)}")
+        target = 1 if self.committed[chunk] == 0 else 0
+        self._data[target][start:stop] = data.astype(self.dtype, copy=False)
+        with self._lock:
+            self.live[chunk] = target
+            self.counters.bytes_written += self.chunk_nbytes(chunk)
+            self.counters.chunk_writes += 1
+
+    def read_rows(self, rows: Iterable[int]) -> np.ndarray:
+        """Rows in any order (whole chunks are read; for tools and tests, not the hot path)."""
+        rows = np.asarray(list(rows), dtype=np.int64)
+        out = np.empty((rows.size, self.phi_size), dtype=np.float32)
+        for chunk in np.unique(rows // self.rows_per_chunk):
+            data = self.read_chunk(int(chunk))
+            sel = rows // self.rows_per_chunk == chunk
+            out[sel] = data[rows[sel] - chunk * self.rows_per_chunk]
+        return out
+
+    # Slot tables.
+
+    def changes(self) -> dict[int, int]:
+        """Chunks whose newest data is not committed yet: {chunk: slot}."""
+        idx = np.nonzero(self.live != self.committed)[0]
+        return {int(c): int(self.live[c]) for c in idx}
+
+    def apply_changes(self, changes: dict[int, int]) -> None:
+        """Learn where other processes wrote their chunks."""
+        for chunk, slot in changes.items():
+            self.live[int(chunk)] = slot
+
+    def commit(self, persist: bool = True) -> None:
+        """Make the live slot table the committed one (and write it to ``slots``)."""
+        changed = np.nonzero(self.live != self.committed)[0]
+        if persist and changed.size:
+            self._slots_array[:] = self.live
+        self.committed = self.live.copy()
+
+    def slot_state(self) -> np.ndarray:
+        return self.committed.copy()
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def resolve_url(cfg) -> str:
+    """The run's store URL (``store.url``, or ``<run_dir>/latents.zarr``)."""
+    import os
+
+    return cfg.store.url or os.path.join(cfg.run_dir, "latents.zarr")
+
+
+def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
+    """``store.rows_per_chunk``, or the automatic choice; checked to divide the shard size, so
+    that a shard maps to whole chunks and no two processes ever write the same chunk."""
+    from lcm_dist.latent_net import phi_layout
+
+    row_bytes = phi_layout(cfg.model).size * np.dtype(cfg.store.dtype).itemsize
+    rows = cfg.store.rows_per_chunk or auto_rows_per_chunk(samples_per_shard, row_bytes)
+    if samples_per_shard % rows:
+        raise ValueError(
+            f"store.rows_per_chunk ({rows}) must divide the shards' samples_per_shard "
+            f"({samples_per_shard}) so that each shard maps to whole chunks; set it to a divisor "
+            "or 0 (automatic)"
+        )
+    return rows
+
+
+def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
+    """Open the run's store, creating it first if ``create`` and it does not exist yet.
+
+    An existing store must match the model and hold at least the dataset's rows, and its chunk
+    size must divide the shard size (it is checked before anything is written)."""
+    from lcm_dist.latent_net import initial_phi
+
+    url = resolve_url(cfg)
+    options = cfg.store.storage_options
+    signature = model_signature(cfg.model)
+    sps = manifest["samples_per_shard"]
+    if create and not LatentStore.exists(url, options):
+        store = LatentStore.create(
+            url,
+            num_rows=manifest["num_samples"],
+            initial=initial_phi(cfg.model).numpy(),
+            signature=signature,
+            rows_per_chunk=rows_per_chunk_for(cfg, sps),
+            codec=cfg.store.codec,
+            codec_level=cfg.store.codec_level,
+            dtype=cfg.store.dtype,
+            storage_options=options,
+        )
+    else:
+        store = LatentStore.open(
+            url, signature=signature, min_rows=manifest["num_samples"], storage_options=options
+        )
+    if sps % store.rows_per_chunk:
+        raise ValueError(
+            f"latent store {url} has {store.rows_per_chunk} rows per chunk, which does not "
+            f"divide the shards' samples_per_shard ({sps}); remake the shards or the store"
+        )
+    return store
