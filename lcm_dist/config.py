@@ -92,7 +92,7 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per training process."""
     shuffle_buffer: int = 100
-    """Samples held in the in-stream shuffle buffer (0 = shard order only)."""
+    """Samples per shuffle block of each loader worker's stream (0 or 1 = shard order)."""
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ manifest, so every process can compute any rank's plan without talking to the ot
   ranks round-robin: every shard goes to exactly one rank per epoch (so no two ranks ever touch
   the same rows or the same store chunks);
 * a rank's shards are split among its loader workers by WebDataset's ``split_by_worker``;
-* samples are shuffled within a bounded window (``shuffle_buffer`` samples), seeded by
-  ``(seed, epoch, rank, worker)``;
+* samples are shuffled in consecutive blocks of ``shuffle_buffer`` samples of each worker's
+  stream, seeded by ``(seed, epoch, rank, worker)``: a bounded window, so the rows of a batch
+  span a bounded number of latent-store chunks;
 * every rank takes the same number of steps per epoch (``steps_per_epoch``), so the ranks cross
   epoch boundaries together; a rank whose shards hold fewer images gets batches that are
   smaller by a few images instead of repeating or dropping any. Each image is seen exactly once
@@ -194,25 +195,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         # WebDataset's worker splitter reads the worker id from the DataLoader.
         entries = list(wds.split_by_worker(self.entries))
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        buffer: list[tuple] = []
+        # Block shuffle: fill a window, emit it in random order, repeat. Unlike a reservoir
+        # (random pop), no sample lingers past its window, so a batch's rows come from a bounded
+        # run of consecutive rows and the latent cache needs only the chunks of that run.
+        block: list[tuple] = []
         try:
             for item in self._samples(entries):
-                if self.shuffle_buffer <= 1:
-                    yield item
-                    continue
-                buffer.append(item)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield _pop_random(buffer, rng)
-            while buffer:
-                yield _pop_random(buffer, rng)
+                block.append(item)
+                if len(block) >= max(1, self.shuffle_buffer):
+                    yield from _shuffled(block, rng)
+                    block = []
+            yield from _shuffled(block, rng)
         except ShardDecodeError as err:
             yield _Failure(str(err))
 
 
-def _pop_random(buffer: list, rng: np.random.Generator):
-    i = int(rng.integers(len(buffer)))
-    buffer[i], buffer[-1] = buffer[-1], buffer[i]
-    return buffer.pop()
+def _shuffled(block: list, rng: np.random.Generator) -> list:
+    return [block[i] for i in rng.permutation(len(block))]
 
 
 class ShardLoader:

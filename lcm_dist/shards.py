@@ -112,6 +112,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def add_sample(
+    tar: tarfile.TarFile, row: int, key: str, image: Image.Image, image_format: str
+) -> str:
+    """Append sample ``row`` (image and {"row", "key"} metadata) to an open shard; returns the
+    key as recorded (one line)."""
+    key = str(key).replace("\n", " ")
+    _add(tar, f"{row:010d}.{image_format}", _encode(image, image_format))
+    _add(tar, f"{row:010d}.json", json.dumps({"row": row, "key": key}).encode())
+    return key
+
+
 def write_shards(
     samples: Iterable[tuple[str, Image.Image | str]],
     out_dir: str | os.PathLike,
@@ -161,13 +172,10 @@ def write_shards(
                 tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
                 shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
             try:
-                data = _encode(prepare_image(image, image_size), image_format)
+                image = prepare_image(image, image_size)
             except (OSError, ValueError) as err:
                 raise ValueError(f"cannot convert image {key}: {err}") from None
-            key = str(key).replace("\n", " ")
-            _add(tar, f"{row:010d}.{image_format}", data)
-            _add(tar, f"{row:010d}.json", json.dumps({"row": row, "key": key}).encode())
-            keys_file.write(key + "\n")
+            keys_file.write(add_sample(tar, row, key, image, image_format) + "\n")
             shards[-1]["count"] += 1
             row += 1
             if bar is not None:

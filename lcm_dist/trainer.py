@@ -42,6 +42,8 @@ class TrainResult:
     first_loss: float
     last_loss: float
     images_per_second: float
+    step_seconds: list[float]  # wall time of every step, data loading included
+    epoch_io: list[dict]  # latent store counters at each epoch's end and at the run's end
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:
@@ -81,12 +83,16 @@ def open_latents(cfg: RunConfig, manifest: dict) -> WriteBackCache | InMemoryLat
     distributed.barrier()
     if not distributed.is_main():
         store = open_run_store(cfg, manifest, create=False)
-    min_budget = cfg.data.batch_size * store.rows_per_chunk * store.phi_size * 4
+    # A batch draws from each loader worker's shuffle window of consecutive rows, so it touches
+    # at most this many chunks (and never more than one per image).
+    d, rows = cfg.data, store.rows_per_chunk
+    window_chunks = -(-(d.shuffle_buffer + d.batch_size) // rows) + 1
+    chunks = min(d.batch_size, max(1, d.num_workers) * window_chunks)
+    min_budget = chunks * rows * store.phi_size * 4
     if cfg.store.cache_bytes < min_budget:
         raise ValueError(
             f"store.cache_bytes ({cfg.store.cache_bytes}) is below the {min_budget} bytes that "
-            f"the chunks of one batch may need ({cfg.data.batch_size} x "
-            f"{store.rows_per_chunk} rows x {store.phi_size} floats); raise it"
+            f"the {chunks} chunks of {rows} rows one batch may touch need; raise it"
         )
     return WriteBackCache(
         store, cfg.store.cache_bytes, cfg.store.io_threads, cfg.store.prefetch_chunks
@@ -180,7 +186,10 @@ def train(cfg: RunConfig) -> TrainResult:
     run_start = time.perf_counter()
     images_per_second = 0.0
     t = cfg.train
+    step_seconds: list[float] = []
+    epoch_io: list[dict] = []
     for step in range(1, t.max_steps + 1):
+        step_start = time.perf_counter()
         batch = next(batches)
         images = batch.images.to(device)
         rows = batch.rows
@@ -188,6 +197,7 @@ def train(cfg: RunConfig) -> TrainResult:
             if epoch is not None:
                 latents.end_epoch()
                 _commit_latents(latents)
+                epoch_io.append(latents.stats())
             epoch = batch.epoch
             latents.begin_epoch(_chunk_order(cfg, loader, latents, epoch))
 
@@ -210,6 +220,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 phi.grad = None
                 clamp_phi_(phi, clamp_mask, cfg.model.clamp)
         latents.write_rows(rows, phi.detach().cpu())
+        step_seconds.append(time.perf_counter() - step_start)
 
         # Reporting: loss terms of each batch's last inner step, averaged over the log window
         # (one batch's loss depends mostly on which images it holds; the window mean is the
@@ -253,5 +264,8 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     latents.flush()
     _commit_latents(latents)
+    epoch_io.append(latents.stats())
     latents.close()
-    return TrainResult(t.max_steps, first_loss, last_loss, images_per_second)
+    return TrainResult(
+        t.max_steps, first_loss, last_loss, images_per_second, step_seconds, epoch_io
+    )

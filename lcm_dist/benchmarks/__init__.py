@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lcm_dist.benchmarks.latent import bench_latent
+from lcm_dist.benchmarks.scale import bench_scale
+from lcm_dist.benchmarks.store import bench_store
+from lcm_dist.benchmarks.throughput import bench_throughput
 
 BENCHMARKS: dict[str, Callable[..., dict]] = {
     "latent": bench_latent,
+    "store": bench_store,
+    "scale": bench_scale,
+    "throughput": bench_throughput,
 }
