@@ -1,6 +1,9 @@
-"""Run a benchmark and print its measurements.
+"""Run a benchmark and print its measurements (one JSON object with --json).
 
-python launch/bench.py latent --json
+python launch/bench.py latent       # batched latent nets vs a per-image loop
+python launch/bench.py store        # latents paged through the Zarr store vs in RAM
+python launch/bench.py scale        # 1,000,000 vs 10,000 images: creation time, peak RSS
+python launch/bench.py throughput   # raw store MB/s vs a plain file on the same disk
 """
 
 from __future__ import annotations

@@ -257,15 +257,17 @@ def train(cfg: RunConfig) -> TrainResult:
             n = min(8, images.shape[0])
             log.image(step, "reconstruction", image_grid([images[:n], output[:n].detach()]))
 
+    # Write back what is still dirty and commit it, then report.
+    latents.flush()
+    _commit_latents(latents)
+    epoch_io.append(latents.stats())
+    log.scalars(t.max_steps, latents.stats())
+    latents.close()
     total = time.perf_counter() - run_start
     log.close()
     log.message(
         f"done: {t.max_steps} batches in {total:.1f}s, loss {first_loss:.4f} -> {last_loss:.4f}"
     )
-    latents.flush()
-    _commit_latents(latents)
-    epoch_io.append(latents.stats())
-    latents.close()
     return TrainResult(
         t.max_steps, first_loss, last_loss, images_per_second, step_seconds, epoch_io
     )

@@ -56,3 +56,24 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free loopback port, with one bucket; yields (url prefix, options)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Created with boto3 and no region: s3fs.mkdir with a region fails against moto.
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket="lcm-test")
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    yield "s3://lcm-test", options
+    server.stop()

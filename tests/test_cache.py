@@ -33,9 +33,14 @@ def shards(tmp_path_factory):
     return out
 
 
-def new_store(url, rows=42):
+def new_store(url, rows=42, options=None):
     return LatentStore.create(
-        url, num_rows=rows, initial=INITIAL.numpy(), signature=SIG, rows_per_chunk=ROWS_PER_CHUNK
+        url,
+        num_rows=rows,
+        initial=INITIAL.numpy(),
+        signature=SIG,
+        rows_per_chunk=ROWS_PER_CHUNK,
+        storage_options=options,
     )
 
 
@@ -71,6 +76,22 @@ def test_same_result_as_in_ram_within_budget(tmp_path, shards, budget_chunks, pr
     assert cache.peak_resident <= budget
     # Reopened from disk: the committed state equals the in-RAM reference bit for bit.
     stored = LatentStore.open(str(tmp_path / "s.zarr")).read_rows(range(42))
+    torch.testing.assert_close(torch.from_numpy(stored), reference.rows, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"])
+def test_same_result_on_other_backends(request, tmp_path, shards, backend):
+    reference = InMemoryLatentTable(42, INITIAL)
+    run_epochs(reference, shards, 2)
+    if backend == "s3":
+        prefix, options = request.getfixturevalue("s3_server")
+        url = f"{prefix}/{tmp_path.name}/s.zarr"
+    else:
+        url, options = f"memory://{tmp_path.name}/s.zarr", None
+    cache = WriteBackCache(new_store(url, options=options), 5 * ROWS_PER_CHUNK * P * 4, 2, 4)
+    run_epochs(cache, shards, 2, workers=2)
+    cache.close()
+    stored = LatentStore.open(url, storage_options=options).read_rows(range(42))
     torch.testing.assert_close(torch.from_numpy(stored), reference.rows, rtol=0, atol=0)
 
 

@@ -35,15 +35,20 @@ def test_index_arithmetic():
     assert auto_rows_per_chunk(7, 1 << 30) == 1
 
 
-@pytest.fixture(params=["local", "memory"])
-def url(request, tmp_path):
+@pytest.fixture(params=["local", "memory", "s3"])
+def where(request, tmp_path):
+    """(url, storage options) of a fresh store location on each backend."""
     if request.param == "local":
-        return str(tmp_path / "latents.zarr")
-    return f"memory://{tmp_path.name}/latents.zarr"
+        return str(tmp_path / "latents.zarr"), None
+    if request.param == "memory":
+        return f"memory://{tmp_path.name}/latents.zarr", None
+    prefix, options = request.getfixturevalue("s3_server")
+    return f"{prefix}/{tmp_path.name}/latents.zarr", options
 
 
-def test_new_store_reads_initial_and_writes_round_trip(url):
-    store = make(url)
+def test_new_store_reads_initial_and_writes_round_trip(where):
+    url, options = where
+    store = make(url, storage_options=options)
     np.testing.assert_array_equal(store.read_rows([0, 9]), np.stack([INITIAL, INITIAL]))
     assert store.counters.bytes_read == 0  # never-written chunks cost no I/O
     data = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
@@ -51,24 +56,26 @@ def test_new_store_reads_initial_and_writes_round_trip(url):
     np.testing.assert_array_equal(store.read_chunk(1), data)
     assert store.changes() == {1: 0}
     store.commit()
-    reopened = LatentStore.open(url, signature=SIG, min_rows=10)
+    reopened = LatentStore.open(url, signature=SIG, min_rows=10, storage_options=options)
     np.testing.assert_array_equal(reopened.read_rows([4, 5, 6, 7]), data)
     np.testing.assert_array_equal(reopened.read_rows([8]), INITIAL[None])
 
 
-def test_writes_never_touch_the_committed_slot(url):
-    store = make(url)
+def test_writes_never_touch_the_committed_slot(where):
+    url, options = where
+    store = make(url, storage_options=options)
     first = np.full((4, 6), 1.0, dtype=np.float32)
     store.write_chunk(0, first)
     store.commit()
     store.write_chunk(0, first + 1)  # goes to the other slot
     store.write_chunk(0, first + 2)  # and again there: the committed copy stays intact
     # A process that died here: reopening sees the committed state.
-    reopened = LatentStore.open(url, signature=SIG)
+    reopened = LatentStore.open(url, signature=SIG, storage_options=options)
     np.testing.assert_array_equal(reopened.read_chunk(0), first)
     np.testing.assert_array_equal(store.read_chunk(0), first + 2)
     store.commit()
-    np.testing.assert_array_equal(LatentStore.open(url).read_chunk(0), first + 2)
+    reopened = LatentStore.open(url, storage_options=options)
+    np.testing.assert_array_equal(reopened.read_chunk(0), first + 2)
 
 
 def test_float16_storage_and_short_last_chunk(tmp_path):

@@ -45,6 +45,68 @@ def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
     assert "reconstruction" in acc.Tags()["images"]
 
 
+def _train(cfg_path, *extra, timeout=300):
+    return subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg_path), *extra],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_path, demo_shards):
+    from lcm_dist.latent_store import LatentStore
+
+    url = str(tmp_path / "latents.zarr")
+    # 16 steps of 4 images = one epoch of the 64 images: every row trained once.
+    cfg_path = run_config(
+        tmp_path,
+        demo_shards,
+        train={"max_steps": 16, "inner_steps": 1},
+        store={"url": url, "cache_bytes": 3 * 8 * 24448 * 4, "rows_per_chunk": 8},
+        log={"every_steps": 16},
+    )
+    proc = _train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = LatentStore.open(url)
+    assert store.rows_per_chunk == 8 and (store.committed >= 0).all()
+    trained = store.read_rows(range(64))
+    assert not (trained == store.initial).all(axis=1).any(), "some row was never updated"
+    acc = read_scalars(tmp_path / "run")
+    written = acc.Scalars("store/bytes_written")[-1].value
+    assert written == 64 * 24448 * 4
+    assert acc.Scalars("store/peak_resident_bytes")[-1].value <= 3 * 8 * 24448 * 4
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "latents.zarr").rglob("*")}
+
+    proc = _train(cfg_path, "--set", "model.phi_init_seed=5")
+    assert proc.returncode == 2
+    assert f"latent store {url} was made for another model (phi_init_seed: store 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "latents.zarr").rglob("*")} == before
+
+
+def test_store_smaller_than_dataset_is_refused(tmp_path, demo_shards):
+    from lcm_dist.config import config_from_dict
+    from lcm_dist.latent_store import LatentStore, model_signature
+
+    url = str(tmp_path / "small.zarr")
+    model = config_from_dict(json.loads(run_config(tmp_path, demo_shards).read_text())).model
+    from lcm_dist.latent_net import initial_phi
+
+    LatentStore.create(
+        url,
+        num_rows=10,
+        initial=initial_phi(model).numpy(),
+        signature=model_signature(model),
+        rows_per_chunk=8,
+    )
+    proc = _train(run_config(tmp_path, demo_shards, store={"url": url}))
+    assert proc.returncode == 2
+    assert "holds 10 rows but the dataset has 64 images" in proc.stderr
+
+
 def test_bad_config_key_exits_with_one_line(tmp_path, demo_shards):
     cfg_path = run_config(tmp_path, demo_shards, train={"lr_phy": 1.0})
     proc = subprocess.run(
