@@ -140,9 +140,7 @@ class WriteBackCache:
                     waited |= self._make_room(self._nbytes(chunk), wanted)
                     self._start_load(chunk)
             for chunk in chunks:
-                while self._entries[chunk].state != "ready":
-                    waited = True
-                    self._wait()
+                waited |= self._acquire(chunk, wanted)
                 self._entries[chunk].pinned = True
             for chunk in chunks:
                 sel = rows // self.rows_per_chunk == chunk
@@ -165,12 +163,7 @@ class WriteBackCache:
             self._check()
             chunks = np.unique(rows // self.rows_per_chunk).tolist()
             for chunk in chunks:
-                if chunk not in self._entries:  # left early under memory pressure
-                    waited |= self._make_room(self._nbytes(chunk), set(chunks))
-                    self._start_load(chunk)
-                while self._entries[chunk].state != "ready":
-                    waited = True
-                    self._wait()
+                waited |= self._acquire(chunk, set(chunks))  # it may have left under pressure
                 entry = self._entries[chunk]
                 sel = rows // self.rows_per_chunk == chunk
                 local = rows[sel] - chunk * self.rows_per_chunk
@@ -260,6 +253,23 @@ class WriteBackCache:
             waited = True
             self._wait()
         return waited
+
+    def _acquire(self, chunk: int, keep: set[int]) -> bool:
+        """Make ``chunk`` resident and ready, loading it if it is absent and keeping it if it
+        was being written back to leave; returns whether it had to wait."""
+        waited = False
+        while True:
+            entry = self._entries.get(chunk)
+            if entry is None:
+                waited |= self._make_room(self._nbytes(chunk), keep)
+                if chunk not in self._entries:
+                    self._start_load(chunk)
+                continue
+            if entry.state == "ready":
+                return waited
+            entry.drop_after_write = False  # needed again: stay once written
+            waited = True
+            self._wait()
 
     def _start_load(self, chunk: int) -> None:
         self._reserve(chunk)

@@ -4,6 +4,7 @@ and two gloo ranks that together update every row exactly once per epoch."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -143,6 +144,32 @@ def test_background_write_failure_is_reported(tmp_path, monkeypatch):
     assert LatentStore.open(str(tmp_path / "s.zarr")).changes() == {}
 
 
+def test_chunk_leaving_under_pressure_is_kept_when_needed_again(tmp_path, monkeypatch):
+    # Under memory pressure a dirty chunk is written back to leave; if the next batch needs it
+    # while that write is in flight, it must stay (not vanish when the write completes).
+    store = new_store(str(tmp_path / "s.zarr"), rows=16)
+    write = store.write_chunk
+    started = []
+
+    def slow_write(chunk, data):
+        started.append(chunk)
+        time.sleep(0.3)
+        write(chunk, data)
+
+    monkeypatch.setattr(store, "write_chunk", slow_write)
+    cache = WriteBackCache(store, 4 * ROWS_PER_CHUNK * P * 4, 1, 0)
+    rows = torch.tensor([0, 1])
+    cache.write_rows(rows, cache.read_rows(rows) + 1.0)  # chunk 0 dirty, half its rows seen
+    with cache._cond:
+        cache._start_write(0, drop=True)  # as _make_room does for a dirty victim
+    got = cache.read_rows(torch.tensor([0, 1, 2]))
+    assert started == [0]
+    torch.testing.assert_close(got, INITIAL.expand(3, P) + torch.tensor([[1.0], [1.0], [0.0]]))
+    cache.write_rows(torch.arange(4), cache.read_rows(torch.arange(4)))
+    cache.close()
+    assert 0 not in cache._entries  # once complete it left as usual
+
+
 def test_budget_smaller_than_a_batch_is_refused(tmp_path):
     store = new_store(str(tmp_path / "s.zarr"), rows=16)
     with pytest.raises(ValueError, match="smaller than one chunk"):
@@ -157,7 +184,7 @@ def _rank_main(rank, world, port, shards, url, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from lcm_dist.trainer import _commit_latents
+    from lcm_dist.trainer import _share_latent_slots
 
     if rank == 0:
         new_store(url)
@@ -173,7 +200,8 @@ def _rank_main(rank, world, port, shards, url, out):
             cache.write_rows(batch.rows, phi + 1.0)  # +1 per update: lost or doubled shows
             touched.setdefault(epoch, set()).update((batch.rows // ROWS_PER_CHUNK).tolist())
         cache.end_epoch()
-        _commit_latents(cache)
+        _share_latent_slots(cache)
+        cache.commit(persist=rank == 0)
     cache.close()
     torch.save({e: sorted(c) for e, c in touched.items()}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
