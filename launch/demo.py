@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lcm_dist.cache import StoreIOError
 from lcm_dist.config import load_config
 from lcm_dist.demo import make_demo_shards
 from lcm_dist.trainer import NonFiniteLossError, train
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         make_demo_shards(cfg.data.shards, args.images, cfg.model.image_size, samples_per_shard=64)
         result = train(cfg)
-    except (ValueError, NonFiniteLossError) as err:
+    except (ValueError, NonFiniteLossError, StoreIOError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lcm_dist.cache import StoreIOError
 from lcm_dist.config import load_config
 from lcm_dist.trainer import NonFiniteLossError, train
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ValueError, NonFiniteLossError) as err:
+    except (ValueError, NonFiniteLossError, StoreIOError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -144,6 +144,16 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """When the run commits a checkpoint (re-running the same command resumes from the last)."""
+
+    every_steps: int = 1000
+    """Commit a checkpoint every this many batches (0 = only at the end of the run)."""
+    keep_latest: int = 2
+    """How many committed checkpoints to keep (older ones are deleted after a commit)."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """What the run reports and how often."""
 
@@ -165,6 +175,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: dict = field(default_factory=dict)
     """Passed verbatim to deepspeed.initialize (optimizer, ZeRO stage, precision, ...)."""
@@ -358,6 +369,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if m.clamp <= 0 or m.noise_scale <= 0:
         raise ValueError("config keys 'model.clamp' and 'model.noise_scale' must be positive")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_latest < 1:
+        raise ValueError(
+            "config keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_latest' >= 1"
+        )
     st = cfg.store
     if st.rows_per_chunk < 0:
         raise ValueError("config key 'store.rows_per_chunk' must be >= 0 (0 = automatic)")
@@ -401,6 +416,14 @@ def config_from_dict(raw: dict[str, Any], source: str = "the config") -> RunConf
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
     return cfg
+
+
+def model_from_dict(raw: dict[str, Any], source: str = "the model config") -> ModelConfig:
+    """A ModelConfig from a ``model`` section (e.g. one saved in a checkpoint or an export)."""
+    try:
+        return _build(ModelConfig, _apply_model_preset({"model": raw})["model"], "model")
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

@@ -215,8 +215,9 @@ def _shuffled(block: list, rng: np.random.Generator) -> list:
 
 
 class ShardLoader:
-    """Endless batches for one rank, epoch after epoch, starting at global step ``start_step``
-    (``start_step`` batches are skipped, so a resumed run sees what an uninterrupted one would)."""
+    """Endless batches for one rank, epoch after epoch, starting with batch ``start_batch`` of
+    epoch ``start_epoch`` (the batches before it are skipped, so a resumed run sees what an
+    uninterrupted one would)."""
 
     def __init__(
         self,
@@ -229,7 +230,8 @@ class ShardLoader:
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         image_size: int | None = None,
-        start_step: int = 0,
+        start_epoch: int = 0,
+        start_batch: int = 0,
     ):
         self.base = str(shards)
         self.manifest = load_manifest(self.base)
@@ -249,7 +251,7 @@ class ShardLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.steps_per_epoch = steps_per_epoch(self.manifest, world_size, batch_size)
-        self.start_step = start_step
+        self.start_epoch, self.start_batch = start_epoch, start_batch
 
     def plan(self, epoch: int, rank: int | None = None) -> tuple[list[int], list[int]]:
         """(shard ids, batch sizes) of ``rank`` (default: this rank) in ``epoch``."""
@@ -305,7 +307,7 @@ class ShardLoader:
             raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        epoch, skip = self.start_epoch, self.start_batch
         while True:
             yield from self.epoch_batches(epoch, skip)
             epoch, skip = epoch + 1, 0

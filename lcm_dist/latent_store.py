@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lcm_dist.faults import crash_point
+
 FORMAT = "lcm-dist-latents"
 VERSION = 1
 MAX_AUTO_CHUNK_BYTES = 8 << 20
@@ -268,6 +270,7 @@ class LatentStore:
         if data.shape != (stop - start, self.phi_size):
             raise ValueError(f"chunk {chunk} needs shape {(stop - start, self.phi_size)}")
         target = 1 if self.committed[chunk] == 0 else 0
+        crash_point("store.write_chunk")
         self._data[target][start:stop] = data.astype(self.dtype, copy=False)
         with self._lock:
             self.live[chunk] = target
@@ -303,8 +306,17 @@ class LatentStore:
             self._slots_array[:] = self.live
         self.committed = self.live.copy()
 
-    def slot_state(self) -> np.ndarray:
-        return self.committed.copy()
+    def restore_slots(self, slots: np.ndarray) -> None:
+        """Adopt a checkpoint's slot table as both committed and live (resuming): writes made
+        after that checkpoint are in the other slots and are ignored."""
+        slots = np.asarray(slots, dtype=np.int8)
+        if slots.shape != (self.num_chunks,):
+            raise ValueError(
+                f"the checkpoint's slot table has {slots.size} chunks but latent store {self.url} "
+                f"has {self.num_chunks}; it belongs to another store"
+            )
+        self.committed = slots.copy()
+        self.live = slots.copy()
 
 
 def _reason(err: Exception) -> str:

@@ -52,7 +52,10 @@ class RunLogger(NullLogger):
     ):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        # A resumed run drops what the crashed one logged after its last checkpoint.
+        self.writer = SummaryWriter(
+            os.path.join(run_dir, "tb"), purge_step=initial_step + 1 if initial_step else None
+        )
         self.bar = None
         if progress:
             from tqdm import tqdm

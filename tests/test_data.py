@@ -87,7 +87,7 @@ def test_same_seed_same_order_and_start_step_skips(shards):
     stream = iter(full)
     reference = [next(stream).rows.tolist() for _ in range(steps + 3)]
     resumed = ShardLoader(
-        shards, batch_size=4, rank=1, world_size=2, seed=7, shuffle_buffer=6, start_step=steps - 2
+        shards, batch_size=4, rank=1, world_size=2, seed=7, shuffle_buffer=6, start_batch=steps - 2
     )
     stream = iter(resumed)
     assert [next(stream).rows.tolist() for _ in range(5)] == reference[steps - 2 :]

@@ -80,7 +80,11 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
     assert acc.Scalars("store/peak_resident_bytes")[-1].value <= 3 * 8 * 24448 * 4
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "latents.zarr").rglob("*")}
 
-    proc = _train(cfg_path, "--set", "model.phi_init_seed=5")
+    # A new run (fresh run_dir) pointed at this store with another model is refused by the
+    # store itself; nothing in it is touched.
+    proc = _train(
+        cfg_path, "--set", "model.phi_init_seed=5", "--set", f"run_dir={tmp_path / 'run2'}"
+    )
     assert proc.returncode == 2
     assert f"latent store {url} was made for another model (phi_init_seed: store 0" in proc.stderr
     assert "Traceback" not in proc.stderr

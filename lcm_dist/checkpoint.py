@@ -1,0 +1,246 @@
+"""Checkpoints: everything a run needs to continue, committed atomically.
+
+    <run_dir>/checkpoints/step-00000100/
+        mp_rank_00_model_states.pt ...   the DeepSpeed engine: generator and optimizer state
+        generator.safetensors            the generator's full fp32 weights (export, checks)
+        slots.npy                        the latent store's slot table at this commit
+        rng-rank<r>.pt                   each process's torch RNG state
+        state.json                       step, data position, world size, model config
+    <run_dir>/latest.json                the commit point
+
+A checkpoint is committed by one atomic rename of ``latest.json``, which names the checkpoint
+folder and lists every file in it with its size and SHA-256. Until that rename the previous
+commit stays the current one; a crash at any instant leaves either the old or the new commit,
+never a mix. The latent store's rows of a commit are the slots its ``slots.npy`` points at:
+writes after the commit go to the other slot of each chunk (``lcm_dist.latent_store``), so
+they never leak into a resumed run.
+
+Only the newest commit is resumable: older checkpoint folders keep the generator, but the
+store's slots they point at may since have been reused. A corrupt newest checkpoint is therefore
+an error that says so, never a silent fallback or a fresh start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcm_dist import distributed
+from lcm_dist.faults import crash_point, fail_point
+
+POINTER = "latest.json"
+FOLDER = "checkpoints"
+FORMAT = "lcm-dist-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read or used with this config."""
+
+
+@dataclass
+class Commit:
+    """The newest committed checkpoint of a run."""
+
+    tag: str
+    folder: Path
+    state: dict
+    slots: np.ndarray | None
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def find_latest(run_dir: str | os.PathLike) -> Commit | None:
+    """The run's newest commit, verified file by file; None if the run has none yet."""
+    run = Path(run_dir)
+    pointer = run / POINTER
+    if not pointer.exists():
+        return None
+    try:
+        commit = json.loads(pointer.read_text())
+        tag, files = commit["tag"], commit["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint pointer {pointer} is unreadable ({err}); it is written atomically, so "
+            "it was damaged after the fact: restore it, or start a new run_dir"
+        ) from None
+    folder = run / FOLDER / tag
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint file {path} is missing; restore it or start anew")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} is truncated or corrupt (it does not match the size and "
+                f"SHA-256 in {pointer}); restore it, or start a new run_dir: older checkpoints "
+                "cannot be resumed because the latent store keeps only the newest commit's rows"
+            )
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise CheckpointError(f"{folder / 'state.json'} is not a version-{VERSION} checkpoint")
+    slots_path = folder / "slots.npy"
+    slots = np.load(slots_path, allow_pickle=False) if slots_path.exists() else None
+    return Commit(tag, folder, state, slots)
+
+
+def generator_state(engine) -> dict[str, torch.Tensor]:
+    """The generator's full weights as contiguous CPU fp32 tensors (gathered under ZeRO-3;
+    call on every rank)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if state is None:  # ZeRO-3 gathers on rank 0 only
+        return {}
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> str:
+    """Write a checkpoint of ``step`` and commit it; every process calls this together.
+
+    ``state`` is the trainer's JSON-ready position; ``slots`` the store's slot table with every
+    process's writes merged (or None without a store). Returns the tag."""
+    from safetensors.torch import save_file
+
+    run = Path(run_dir)
+    tag = tag_for(step)
+    folder = run / FOLDER / tag
+    rank = distributed.rank()
+    try:
+        if distributed.is_main() and folder.exists():
+            shutil.rmtree(folder)  # left by an attempt that crashed before committing
+        distributed.barrier()
+        weights = generator_state(engine)
+        engine.save_checkpoint(str(run / FOLDER), tag=tag, save_latest=False)
+        fail_point("checkpoint.write")
+        crash_point("checkpoint.write")
+        torch.save({"torch": torch.get_rng_state()}, folder / f"rng-rank{rank}.pt")
+        if distributed.is_main():
+            save_file(weights, str(folder / "generator.safetensors"))
+            if slots is not None:
+                np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
+            _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
+        distributed.barrier()
+        if distributed.is_main():
+            files = {
+                str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+                for p in sorted(folder.rglob("*"))
+                if p.is_file()
+            }
+            tmp = run / (POINTER + ".tmp")
+            _write_json(tmp, {"tag": tag, "step": step, "files": files})
+            crash_point("checkpoint.before_commit")
+            os.replace(tmp, run / POINTER)  # the commit
+            _fsync_dir(run)
+            crash_point("checkpoint.after_commit")
+        distributed.barrier()
+    except OSError as err:
+        raise CheckpointError(
+            f"writing checkpoint {folder} failed ({err}); the previous commit in "
+            f"{run / POINTER} is untouched and resumes"
+        ) from None
+    return tag
+
+
+def prune(run_dir: str | os.PathLike, keep_latest: int) -> None:
+    """Delete checkpoint folders beyond the newest ``keep_latest`` (never the committed one)."""
+    run = Path(run_dir)
+    pointer = run / POINTER
+    committed = json.loads(pointer.read_text())["tag"] if pointer.exists() else None
+    folders = sorted(p for p in (run / FOLDER).glob("step-*") if p.is_dir())
+    newest_first = [p for p in reversed(folders) if p.name <= (committed or "")]
+    for old in newest_first[keep_latest:]:
+        if old.name != committed:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_engine(engine, commit: Commit, same_world: bool) -> bool:
+    """Load the generator and, when the world size is unchanged (or under ZeRO stage 0, whose
+    optimizer state is not partitioned), the optimizer state. Returns whether the optimizer
+    state was restored. The loaded weights are checked against ``generator.safetensors``."""
+    from safetensors.torch import load_file
+
+    with_optimizer = same_world or engine.zero_optimization_stage() == 0
+    path, _ = engine.load_checkpoint(
+        str(commit.folder.parent),
+        tag=commit.tag,
+        load_optimizer_states=with_optimizer,
+        load_lr_scheduler_states=with_optimizer,
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the engine state in {commit.folder}")
+    expected = load_file(str(commit.folder / "generator.safetensors"))
+    loaded = generator_state(engine)
+    for name, tensor in loaded.items():
+        if not torch.equal(tensor, expected[name]):
+            raise CheckpointError(
+                f"generator weight {name} loaded from {commit.folder} differs from its "
+                "generator.safetensors; the checkpoint is inconsistent"
+            )
+    return with_optimizer
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, reading back with ``weights_only=True``: a
+    checkpoint file can hold tensors and plain containers, and only the two DeepSpeed classes
+    its ZeRO optimizer state needs, never arbitrary pickled code."""
+
+    def __new__(cls, config_params):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+        class _Engine(TorchCheckpointEngine):
+            def load(self, path: str, map_location=None):
+                try:
+                    with torch.serialization.safe_globals(allowed):
+                        return torch.load(path, map_location=map_location, weights_only=True)
+                except Exception as err:
+                    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+                    reason = (
+                        f"it holds an object of type {found.group(1)}, which is not loaded "
+                        "(only tensors and plain data are)"
+                        if found
+                        else str(err).strip().splitlines()[0]
+                    )
+                    raise CheckpointError(f"cannot read checkpoint file {path}: {reason}") from None
+
+        return _Engine(config_params)

@@ -1,0 +1,232 @@
+"""Checkpoints: exact resume after SIGKILL at any instant, elastic world size, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from lcm_dist.checkpoint import find_latest
+from lcm_dist.latent_store import LatentStore
+from tests.conftest import PYTHON, REPO, free_port, run_config, subprocess_env
+
+STEPS = 40  # 64 images in batches of 4: 16 steps per epoch, so 2.5 epochs
+
+
+def resume_config(tmp_path, shards, name, **sections):
+    base = dict(
+        train={"max_steps": STEPS, "inner_steps": 2, "deterministic": True},
+        store={"rows_per_chunk": 4, "url": str(tmp_path / name / "latents.zarr")},
+        checkpoint={"every_steps": 6, "keep_latest": 2},
+        log={"every_steps": 4, "image_every_steps": 0, "progress": False},
+    )
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    folder = tmp_path / name
+    folder.mkdir()
+    path = run_config(folder, shards, **base)
+    return path
+
+
+def launch(cfg_path, launcher=None, env=None, **kw):
+    cmd = list(launcher or [PYTHON]) + ["launch/train.py", "--config", str(cfg_path)]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so a kill takes the whole process group, like a lost node
+        **kw,
+    )
+
+
+def run(cfg_path, launcher=None, env=None, timeout=600):
+    proc = launch(cfg_path, launcher, env)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def final_state(cfg_path):
+    """Generator weights and all latent rows of the run's newest commit."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads(cfg_path.read_text())
+    commit = find_latest(cfg["run_dir"])
+    assert commit.state["step"] == STEPS
+    store = LatentStore.open(cfg["store"]["url"])
+    store.restore_slots(commit.slots)
+    rows = torch.from_numpy(store.read_rows(range(store.num_rows)))
+    return load_file(str(commit.folder / "generator.safetensors")), rows
+
+
+def assert_same_state(a, b):
+    gen_a, rows_a = a
+    gen_b, rows_b = b
+    assert gen_a.keys() == gen_b.keys()
+    for name in gen_a:
+        assert torch.equal(gen_a[name], gen_b[name]), f"generator weight {name} differs"
+    assert torch.equal(rows_a, rows_b), "latent rows differ"
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, demo_shards):
+    reference = resume_config(tmp_path, demo_shards, "reference")
+    code, out = run(reference)
+    assert code == 0, out[-3000:]
+
+    crashed = resume_config(tmp_path, demo_shards, "crashed")
+    # Kills at random instants once training runs (the whole process group, like a lost node)...
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = launch(crashed)
+        for line in proc.stdout:
+            if line.startswith("lcm-dist:"):
+                break
+        time.sleep(rng.uniform(0.2, 1.2))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    # ...then at chosen instants: mid-checkpoint (engine files written, nothing committed),
+    # right before and right after the commit rename, and inside chunk flushes.
+    for point in [
+        "checkpoint.write:1",
+        "store.write_chunk:9",
+        "checkpoint.before_commit:1",
+        "checkpoint.after_commit:1",
+        "store.write_chunk:3",
+    ]:
+        code, out = run(crashed, env={"LCM_DIST_CRASH_AT": point})
+        assert code == -signal.SIGKILL, f"{point} did not crash the run:\n{out[-2000:]}"
+    code, out = run(crashed)
+    assert code == 0, out[-3000:]
+    assert "resuming from step-" in out
+    done = re.search(r"done: step 40 \((\d+) batches", out)
+    assert done and int(done.group(1)) < STEPS, out  # it continued, it did not start over
+    assert_same_state(final_state(reference), final_state(crashed))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sigkill_under_the_deepspeed_launcher_resumes_exactly(tmp_path, demo_shards):
+    def launcher():
+        return [PYTHON, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2"] + [
+            "--master_port",
+            str(free_port()),
+        ]
+
+    zero2 = {"zero_optimization": {"stage": 2}}
+    reference = resume_config(tmp_path, demo_shards, "reference", deepspeed=zero2)
+    code, out = run(reference, launcher())
+    assert code == 0, out[-3000:]
+    crashed = resume_config(tmp_path, demo_shards, "crashed", deepspeed=zero2)
+    code, out = run(crashed, launcher(), env={"LCM_DIST_CRASH_AT": "checkpoint.before_commit:3"})
+    assert code != 0
+    code, out = run(crashed, launcher())
+    assert code == 0, out[-3000:]
+    assert "resuming from step-00000012 (2 -> 2 processes)" in out
+    assert_same_state(final_state(reference), final_state(crashed))
+
+
+def _losses(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("loss/total")}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_elastic_resume_changes_world_size_and_keeps_learning(tmp_path, demo_shards, first, second):
+    def launcher(n):
+        if n == 1:
+            return [PYTHON]
+        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n)] + [
+            "--master_port",
+            str(free_port()),
+        ]
+
+    cfg = resume_config(
+        tmp_path,
+        demo_shards,
+        "elastic",
+        train={"max_steps": 24, "deterministic": False},
+        checkpoint={"every_steps": 8},
+        log={"every_steps": 8},
+        deepspeed={"zero_optimization": {"stage": 2}},
+    )
+    code, out = run(cfg, launcher(first))
+    assert code == 0, out[-3000:]
+    before = _losses(tmp_path / "elastic" / "run")
+    proc = subprocess.run(
+        launcher(second) + ["launch/train.py", "--config", str(cfg), "--set", "train.max_steps=48"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from step-00000024 ({first} -> {second} processes" in out
+    after = _losses(tmp_path / "elastic" / "run")
+    assert after[48] < before[8], (before, after)
+    assert after[48] < after[32] or after[40] < before[24], (before, after)
+
+
+def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo_shards):
+    cfg = resume_config(tmp_path, demo_shards, "bad", train={"max_steps": 12})
+    code, out = run(cfg)
+    assert code == 0, out[-3000:]
+    run_dir = tmp_path / "bad" / "run"
+    pointer = (run_dir / "latest.json").read_text()
+
+    # A config whose model differs from the checkpoint's.
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"]
+        + ["--set", "model.gen_skip=8"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the config's model differs from the one checkpointed" in proc.stderr
+    assert "gen_skip: checkpoint 16 vs config 8" in proc.stderr
+
+    # A full disk while writing a checkpoint: clear error, the previous commit still resumes.
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"],
+        cwd=REPO,
+        env={**subprocess_env(), "LCM_DIST_FAIL_AT": "checkpoint.write:1"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "No space left on device" in proc.stderr and "previous commit" in proc.stderr
+    assert (run_dir / "latest.json").read_text() == pointer
+    assert find_latest(run_dir).state["step"] == 12
+
+    # A truncated checkpoint file: a clear error, nothing trained, the pointer untouched.
+    engine_file = run_dir / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt"
+    engine_file.write_bytes(engine_file.read_bytes()[:1000])
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "mp_rank_00_model_states.pt is truncated or corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "latest.json").read_text() == pointer
