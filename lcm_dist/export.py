@@ -1,0 +1,187 @@
+"""Export a run's newest commit as a self-contained model for restoration.
+
+An export is a Zarr v3 group on any fsspec URL that plain ``zarr`` and ``safetensors`` read
+without lcm-dist:
+
+    <out>/zarr.json              group attributes: format, version, model config, phi layout,
+                                 loss settings, step, number of images, complete flag
+    <out>/latents                (N, P) float32: row i is the phi of training image i
+    <out>/keys                   (N,) strings: the key (source) of image i
+    <out>/noise                  (1, C, S, S) float32: the fixed noise input s
+    <out>/initial_phi            (P,) float32: the phi every image started from
+    <out>/generator.safetensors  the generator's fp32 weights (names as in Generator)
+
+The group is created with ``complete: false`` and its attributes are rewritten with
+``complete: true`` only after every array and the generator file are written, so a reader
+can tell an interrupted export from a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lcm_dist import checkpoint
+from lcm_dist.config import config_from_dict, model_from_dict
+from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
+from lcm_dist.latent_store import LatentStore, _reason
+from lcm_dist.shards import load_keys
+
+FORMAT = "lcm-dist-export"
+VERSION = 1
+GENERATOR_FILE = "generator.safetensors"
+ROWS_PER_CHUNK = 256
+"""Rows per chunk of the exported ``latents`` (about 25 MB at the paper's P)."""
+
+
+class ExportError(ValueError):
+    """An export cannot be written or read."""
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def _run_config(run_dir: Path):
+    path = run_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{run_dir} is not a run directory: {path} does not exist") from None
+    return config_from_dict(raw, str(path))
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_url: str,
+    *,
+    storage_options: dict | None = None,
+    shards: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the newest commit of the run in ``run_dir`` to ``out_url``; returns the group's
+    attributes. ``shards`` overrides where the run's ``keys.txt`` is read from."""
+    import fsspec
+    import zarr
+
+    run = Path(run_dir)
+    cfg = _run_config(run)
+    commit = checkpoint.find_latest(run)
+    if commit is None:
+        raise ExportError(f"the run in {run} has no committed checkpoint to export yet")
+    state = commit.state
+    if state.get("store_url") is None or commit.slots is None:
+        raise ExportError(
+            f"the run in {run} kept its latents in RAM (store.in_ram), so there are none to export"
+        )
+    model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
+    num_images = int(state["num_images"])
+    keys = load_keys(shards or cfg.data.shards)
+    if len(keys) != num_images:
+        raise ExportError(
+            f"{shards or cfg.data.shards} lists {len(keys)} keys but the run trained on "
+            f"{num_images} images; pass the run's own shards folder with --shards"
+        )
+    store = LatentStore.open(
+        state["store_url"], storage_options=cfg.store.storage_options, mode="r"
+    )
+    store.restore_slots(commit.slots)
+
+    try:
+        group = zarr.open_group(
+            out_url, mode="w" if overwrite else "w-", storage_options=storage_options or None
+        )
+    except FileExistsError:
+        raise ExportError(f"{out_url} already exists; pass --overwrite to replace it") from None
+    except Exception as err:
+        raise ExportError(f"cannot create the export at {out_url}: {_reason(err)}") from None
+
+    layout = phi_layout(model)
+    attrs = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": False,
+        "step": int(state["step"]),
+        "checkpoint": commit.tag,
+        "num_images": num_images,
+        "phi_size": layout.size,
+        "image_size": model.image_size,
+        "image_channels": model.image_channels,
+        "model": state["model"],
+        "loss": state.get("loss", {}),
+        "phi_layout": [
+            {"name": s.name, "shape": list(s.shape), "offset": s.offset, "clamped": s.clamped}
+            for s in layout.slices
+        ],
+        "generator": GENERATOR_FILE,
+        "arrays": {
+            "latents": "(num_images, phi_size) float32; row i is the phi of image i",
+            "keys": "(num_images,) string; the key (source) of image i",
+            "noise": "(1, noise_channels, noise_size, noise_size) float32; the noise input s",
+            "initial_phi": "(phi_size,) float32; the phi every image started from",
+        },
+    }
+    group.attrs.put(attrs)
+    group.create_array("noise", data=make_noise(model).numpy())
+    group.create_array("initial_phi", data=initial_phi(model).numpy())
+    key_array = group.create_array(
+        "keys", shape=(num_images,), chunks=(min(num_images, 1 << 16),), dtype=str
+    )
+    key_array[:] = np.asarray(keys, dtype=object)
+    latents = group.create_array(
+        "latents",
+        shape=(num_images, layout.size),
+        chunks=(min(num_images, ROWS_PER_CHUNK), layout.size),
+        dtype="float32",
+        fill_value=0.0,
+    )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_images, desc="latents", unit="img", dynamic_ncols=True)
+    # Copy in runs of whole store chunks of about ROWS_PER_CHUNK rows.
+    step = max(1, ROWS_PER_CHUNK // store.rows_per_chunk) * store.rows_per_chunk
+    for start in range(0, num_images, step):
+        stop = min(start + step, num_images)
+        first, last = start // store.rows_per_chunk, -(-stop // store.rows_per_chunk)
+        block = np.concatenate([store.read_chunk(c) for c in range(first, last)])
+        latents[start:stop] = block[: stop - start]
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+
+    with fsspec.open(_join(out_url, GENERATOR_FILE), "wb", **(storage_options or {})) as out:
+        out.write((commit.folder / GENERATOR_FILE).read_bytes())
+    attrs["complete"] = True
+    group.attrs.put(attrs)
+    return attrs
+
+
+def open_export(url: str, storage_options: dict | None = None):
+    """Open an export for reading; returns ``(group, attrs)`` after checking that it is a
+    complete export of a version this lcm-dist reads."""
+    import zarr
+
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+        attrs = dict(group.attrs)
+    except FileNotFoundError:
+        raise ExportError(f"no export at {url}") from None
+    except Exception as err:
+        raise ExportError(f"cannot open the export at {url}: {_reason(err)}") from None
+    if attrs.get("format") != FORMAT:
+        raise ExportError(f"{url} is not an lcm-dist export (no format {FORMAT!r} attribute)")
+    if attrs.get("version") != VERSION:
+        raise ExportError(
+            f"export {url} has format version {attrs.get('version')}; this lcm-dist reads "
+            f"version {VERSION}"
+        )
+    if not attrs.get("complete"):
+        raise ExportError(f"export {url} is incomplete (its writing was interrupted); export again")
+    return group, attrs
