@@ -2,6 +2,7 @@
 
     python launch/make_shards.py ../photos/ 'more/*.jpg' extra.png --out data/shards
     python launch/make_shards.py data/shards --verify      # check checksums of a finished set
+    python launch/make_shards.py photos/ --exclude 'test-*' --random-crops 5000 --out data/crops
 
 Sample i (in the order given; folders and globs sorted) gets global row index i, the row of the
 latent store that holds its phi. Images are centre-cropped to a square and resized to
@@ -12,9 +13,19 @@ manifest.json (shard list, counts, row ranges, image size, SHA-256 checksums), w
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import os
 import sys
 
-from lcm_dist.shards import IMAGE_FORMATS, collect_sources, verify_shards, write_shards
+from lcm_dist.demo import random_crops
+from lcm_dist.shards import (
+    IMAGE_FORMATS,
+    collect_sources,
+    load_photos,
+    verify_shards,
+    write_pngs,
+    write_shards,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +37,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="side in pixels (%(default)s)")
     parser.add_argument(
         "--samples-per-shard", type=int, default=1000, help="images per shard (%(default)s)"
+    )
+    parser.add_argument(
+        "--random-crops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of one centre crop per image, take N random square crops in all, from "
+        "each image in turn at scales from 1.5x --image-size to half its shorter side",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-crops (%(default)s)")
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose name matches this glob pattern (repeatable), e.g. to hold "
+        "photos out of a training set",
+    )
+    parser.add_argument(
+        "--png",
+        action="store_true",
+        help="write the images as NNNNNN.png files instead of shards (e.g. an evaluation set)",
     )
     parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
@@ -40,10 +73,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.out:
             parser.error("--out is required")
-        files = collect_sources(args.sources)
+        files = [
+            path
+            for path in collect_sources(args.sources)
+            if not any(fnmatch.fnmatch(os.path.basename(path), p) for p in args.exclude)
+        ]
+        if not files:
+            raise ValueError("every source image was excluded by --exclude")
         print(f"{len(files)} images from {len(args.sources)} source(s)", flush=True)
+        if args.random_crops:
+            samples = random_crops(
+                args.random_crops, args.image_size, args.seed, photos=load_photos(files)
+            )
+        else:
+            samples = ((path, path) for path in files)
+        if args.png:
+            write_pngs(samples, args.out, args.image_size, overwrite=args.overwrite)
+            return 0
         write_shards(
-            ((path, path) for path in files),
+            samples,
             args.out,
             args.image_size,
             args.samples_per_shard,

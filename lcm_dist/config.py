@@ -163,6 +163,13 @@ class LogConfig:
     """Write a target-vs-reconstruction image grid every this many batches (0 = never)."""
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""
+    restore_every_steps: int = 0
+    """Every this many batches, inpaint held-back images with the current generator and show
+    them in TensorBoard (0 = never; needs restore_images)."""
+    restore_images: str = ""
+    """Held-back images (files, folders or globs) for restore_every_steps: never trained on."""
+    restore_iterations: int = 100
+    """Adam iterations of the fresh phi fitted to each held-back image."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +355,20 @@ def validate(cfg: RunConfig) -> None:
     if lg.every_steps <= 0 or lg.image_every_steps < 0:
         raise ValueError(
             "config key 'log.every_steps' must be >= 1 and 'log.image_every_steps' >= 0"
+        )
+    if lg.restore_every_steps < 0 or lg.restore_iterations < 1:
+        raise ValueError(
+            "config key 'log.restore_every_steps' must be >= 0 and 'log.restore_iterations' >= 1"
+        )
+    if lg.restore_every_steps and not lg.restore_images:
+        raise ValueError(
+            "config key 'log.restore_every_steps' is set but 'log.restore_images' names no "
+            "held-back images"
+        )
+    if lg.restore_every_steps and cfg.deepspeed.get("zero_optimization", {}).get("stage") == 3:
+        raise ValueError(
+            "config key 'log.restore_every_steps' needs the whole generator on rank 0; ZeRO "
+            "stage 3 partitions it (use stage 0-2, or restore from an export)"
         )
     if not m.latent_widths or min(m.latent_widths) <= 0:
         raise ValueError("config key 'model.latent_widths' must list positive channel counts")

@@ -45,12 +45,17 @@ def demo_photos() -> list[tuple[str, np.ndarray]]:
 
 
 def random_crops(
-    count: int, image_size: int, seed: int = 0, min_side: int | None = None
+    count: int,
+    image_size: int,
+    seed: int = 0,
+    min_side: int | None = None,
+    photos: list[tuple[str, np.ndarray]] | None = None,
 ) -> Iterator[tuple[str, Image.Image]]:
-    """``count`` random square crops of the bundled photos, at scales from ``min_side`` pixels
-    (default 1.5 x image_size) up to the photo's shorter side, resized to image_size."""
+    """``count`` random square crops of ``photos`` ((name, HxWx3 uint8) pairs; by default the
+    bundled ones), taken from each photo in turn at scales from ``min_side`` pixels (default
+    1.5 x image_size) up to half the photo's shorter side, resized to image_size."""
     rng = np.random.default_rng(seed)
-    photos = demo_photos()
+    photos = photos if photos is not None else demo_photos()
     min_side = min_side or int(image_size * 1.5)
     for i in range(count):
         name, arr = photos[i % len(photos)]

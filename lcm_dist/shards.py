@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MANIFEST = "manifest.json"
@@ -93,6 +94,11 @@ def load_image(path: str) -> Image.Image:
             return im.copy()
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"cannot decode image {path}: {err}") from None
+
+
+def load_photos(paths: Iterable[str]) -> list[tuple[str, np.ndarray]]:
+    """(path, HxWx3 uint8 RGB array) of each image file, for cropping."""
+    return [(path, np.asarray(load_image(path).convert("RGB"))) for path in paths]
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -212,6 +218,28 @@ def write_shards(
             flush=True,
         )
     return manifest
+
+
+def write_pngs(
+    samples: Iterable[tuple[str, Image.Image | str]],
+    out_dir: str | os.PathLike,
+    image_size: int,
+    overwrite: bool = False,
+) -> int:
+    """Write ``samples`` as ``NNNNNN.png`` files (centre-cropped, resized) and ``keys.txt``;
+    returns how many."""
+    out = Path(out_dir)
+    if out.exists() and any(out.glob("*.png")) and not overwrite:
+        raise ValueError(f"{out} already holds PNG files; pass overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i, (key, image) in enumerate(samples):
+        if isinstance(image, str):
+            image = load_image(image)
+        prepare_image(image, image_size).save(out / f"{i:06d}.png")
+        keys.append(str(key).replace("\n", " "))
+    (out / KEYS).write_text("".join(k + "\n" for k in keys))
+    return len(keys)
 
 
 def _finish_shard(tar: tarfile.TarFile, tmp_path: Path, entry: dict) -> None:

@@ -29,6 +29,7 @@ from lcm_dist.latent_store import open_run_store, resolve_url
 from lcm_dist.latent_table import InMemoryLatentTable
 from lcm_dist.loss import lcm_loss
 from lcm_dist.metrics import NullLogger, RunLogger, image_grid
+from lcm_dist.restore import inpainting_preview
 from lcm_dist.shards import load_manifest
 
 
@@ -272,6 +273,14 @@ def train(cfg: RunConfig) -> TrainResult:
     else:
         log = NullLogger()
 
+    # Held-back images for the restoration preview (rank 0 only; up to 8).
+    held_back = None
+    if cfg.log.restore_every_steps and distributed.is_main():
+        from lcm_dist.evaluate import load_images
+
+        held_back, _ = load_images([cfg.log.restore_images], cfg.model.image_size)
+        held_back = held_back[:8]
+
     loader = ShardLoader(
         cfg.data.shards,
         batch_size=cfg.data.batch_size,
@@ -364,6 +373,17 @@ def train(cfg: RunConfig) -> TrainResult:
             window_start, window_images = time.perf_counter(), 0
         else:
             log.progress(step)
+        if held_back is not None and step % cfg.log.restore_every_steps == 0:
+            grid, hole_psnr = inpainting_preview(
+                engine.module,
+                latent_net,
+                cfg.model,
+                held_back,
+                iterations=cfg.log.restore_iterations,
+                loss={"levels": t.lap_levels, "mse_weight": t.mse_weight},
+            )
+            log.image(step, "restoration/inpainting", grid)
+            log.scalars(step, {"restoration/inpainting_psnr_hole": hole_psnr})
         if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
             n = min(8, images.shape[0])
             log.image(step, "reconstruction", image_grid([images[:n], output[:n].detach()]))

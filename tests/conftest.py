@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,3 +78,37 @@ def s3_server():
     options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     yield "s3://lcm-test", options
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_shards):
+    """A finished 16-step run (one epoch: every row trained) with a checkpoint at step 8."""
+    tmp = tmp_path_factory.mktemp("export-run")
+    cfg_path = run_config(
+        tmp,
+        demo_shards,
+        train={"max_steps": 16, "inner_steps": 4},
+        store={"rows_per_chunk": 8},
+        checkpoint={"every_steps": 8},
+        log={"every_steps": 8, "image_every_steps": 0},
+    )
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory, trained_run) -> Path:
+    """The export of ``trained_run``."""
+    from lcm_dist.export import export_run
+
+    out = tmp_path_factory.mktemp("export") / "model.zarr"
+    export_run(trained_run, str(out), progress=False)
+    return out

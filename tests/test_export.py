@@ -24,23 +24,6 @@ def _run(*args, timeout=300):
     )
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, demo_shards):
-    """A finished 16-step run (one epoch: every row trained) with a checkpoint at step 8."""
-    tmp = tmp_path_factory.mktemp("export-run")
-    cfg_path = run_config(
-        tmp,
-        demo_shards,
-        train={"max_steps": 16, "inner_steps": 4},
-        store={"rows_per_chunk": 8},
-        checkpoint={"every_steps": 8},
-        log={"every_steps": 8, "image_every_steps": 0},
-    )
-    proc = _run("launch/train.py", "--config", str(cfg_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
-
-
 READER = textwrap.dedent(
     """
     import json, sys

@@ -162,3 +162,37 @@ def test_two_process_gloo_training(tmp_path, demo_shards, launcher):
     acc = read_scalars(tmp_path / "run")
     losses = [e.value for e in acc.Scalars("loss/total")]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_path, demo_shards):
+    from safetensors.torch import load_file
+
+    from lcm_dist.checkpoint import find_latest
+    from lcm_dist.demo import random_crops
+
+    held = tmp_path / "held"
+    held.mkdir()
+    for i, (_, image) in enumerate(random_crops(3, 32, seed=99)):
+        image.save(held / f"h{i}.png")
+    weights = {}
+    for name, log in [
+        ("plain", {}),
+        (
+            "preview",
+            {"restore_every_steps": 2, "restore_images": str(held), "restore_iterations": 3},
+        ),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg_path = run_config(
+            folder, demo_shards, train={"max_steps": 4, "deterministic": True}, log=log
+        )
+        proc = _train(cfg_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        commit = find_latest(folder / "run")
+        weights[name] = load_file(str(commit.folder / "generator.safetensors"))
+    acc = read_scalars(tmp_path / "preview" / "run")
+    assert "restoration/inpainting" in acc.Tags()["images"]
+    assert len(acc.Scalars("restoration/inpainting_psnr_hole")) == 2
+    for key, value in weights["plain"].items():
+        assert torch.equal(value, weights["preview"][key]), f"the preview changed {key}"

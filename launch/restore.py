@@ -1,0 +1,143 @@
+"""Restore degraded images with a trained LCM export (the generator frozen, a fresh phi fitted
+per image, many images at once).
+
+    python launch/restore.py --model exports/photos64.zarr --task inpaint holes/*.png --out out/
+    python launch/restore.py --model M --task inpaint img.png --mask mask.png --out out/
+    python launch/restore.py --model M --task superres small/*.png --factor 4 --out out/
+    python launch/restore.py --model M --task colorize gray/*.png --out out/
+    python launch/restore.py --model M --reconstruct 0 17 'photo.jpg#crop3@...' --out out/
+
+Inputs must already have the model's size (super-resolution: the size divided by --factor);
+colour inputs to colorize are converted to luminance. For inpainting, the hole is a mask file
+(white = hole, black = known; the model's size), --box F (a centred square of F x the side,
+default 0.5), --random-boxes N or --random-pixels F. --reconstruct renders training images
+from their exported latents, by row number or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def _observations(paths, operator, size, task):
+    from lcm_dist.shards import collect_sources, load_image
+
+    files = collect_sources(paths)
+    side = operator.observed_size(size)
+    images = []
+    for path in files:
+        image = load_image(path)
+        if image.size != (side, side):
+            what = f"{task} x{operator.factor} takes" if task == "superres" else "restores"
+            raise ValueError(
+                f"image {path} is {image.size[0]}x{image.size[1]} but this model {what} "
+                f"{side}x{side} images"
+            )
+        mode = "L" if task == "colorize" else "RGB"
+        arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(arr)
+        images.append(tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))
+    y = torch.stack(images)
+    if task == "inpaint":
+        y = operator(y)  # pixels in the holes carry no information
+    return y, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from lcm_dist.degrade import TASKS
+    from lcm_dist.restore import DEFAULT_ITERATIONS, DEFAULT_LR
+
+    parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
+    parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
+    parser.add_argument("--task", choices=TASKS)
+    parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
+    parser.add_argument("--reconstruct", nargs="+", metavar="ROW_OR_KEY", default=[])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--mask", help="inpainting mask file (white = hole)")
+    parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
+    parser.add_argument("--random-boxes", type=int, default=0, metavar="N")
+    parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
+    parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate on phi")
+    parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
+    parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        from lcm_dist.degrade import make_operator
+        from lcm_dist.restore import load_model, restore, save_latents, to_png_bytes
+
+        options = json.loads(args.model_options)
+        model = load_model(args.model, options)
+        os.makedirs(args.out, exist_ok=True)
+        if args.reconstruct:
+            rows = [model.row_of(k) for k in args.reconstruct]
+            for row, image in zip(rows, model.reconstruct(rows), strict=True):
+                path = os.path.join(args.out, f"row{row:08d}.png")
+                with open(path, "wb") as f:
+                    f.write(to_png_bytes(image))
+            print(f"reconstructed {len(rows)} training image(s) into {args.out}")
+            if not args.images:
+                return 0
+        if args.task is None or not args.images:
+            parser.error("give --task and images to restore (or --reconstruct)")
+        if args.iterations < 1 or args.batch_size < 1:
+            raise ValueError("--iterations and --batch-size must be at least 1")
+        size = model.image_size
+        from lcm_dist.shards import collect_sources
+
+        count = len(collect_sources(args.images))
+        operator = make_operator(
+            args.task,
+            size,
+            count,
+            mask=args.mask,
+            box=args.box,
+            random_boxes=args.random_boxes,
+            random_pixels=args.random_pixels,
+            factor=args.factor,
+            seed=args.seed,
+        )
+        y, files = _observations(args.images, operator, size, args.task)
+        images, phi, seconds = restore(
+            model,
+            y,
+            operator,
+            iterations=args.iterations,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        names = []
+        for path, image in zip(files, images, strict=True):
+            name = os.path.splitext(os.path.basename(path))[0] + ".png"
+            names.append(name)
+            with open(os.path.join(args.out, name), "wb") as f:
+                f.write(to_png_bytes(image))
+        if args.save_latents:
+            save_latents(
+                os.path.join(args.out, "latents.zarr"),
+                phi,
+                names,
+                {"model": args.model, "task": args.task, "iterations": args.iterations},
+            )
+        print(f"restored {len(files)} image(s) in {seconds:.1f}s into {args.out}")
+    except (ValueError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Degradation operators for restoration, and the data term that compares through them.
+
+An operator A maps clean images x (B, C, H, W) in [0, 1] to observations y = A(x). Restoring y
+fits x_hat = g(f_phi(s)) with the generator frozen so that A(x_hat) matches y; the data term
+is the training loss (Laplacian-pyramid L1 + MSE) between A(x_hat) and y, one value per image.
+
+- ``Inpaint(known)``: y = x * known, with ``known`` (B or 1, 1, H, W) 1 on observed pixels and 0
+  in the holes. Hole pixels of x_hat are multiplied by 0 before the loss, so they never
+  influence it (their gradient is exactly 0).
+- ``SuperRes(factor)``: y = factor x factor area averaging (what a camera's larger pixels see).
+- ``Colorize()``: y = luma (ITU-R BT.601), one channel.
+
+Each operator also gives ``naive(y)``, the non-learned baseline (mean fill or biharmonic
+inpainting, bicubic upsampling, luminance only), and ``show(y)``, an RGB picture of y at full
+size for grids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lcm_dist.loss import lcm_loss
+
+LUMA = (0.299, 0.587, 0.114)
+TASKS = ("inpaint", "superres", "colorize")
+
+
+class Degradation:
+    """Base class: ``__call__`` is A (differentiable), ``data_term`` compares through it."""
+
+    name = "identity"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def observed_size(self, size: int) -> int:
+        """Side of the observation of a ``size`` x ``size`` image."""
+        return size
+
+    def subset(self, part: slice) -> Degradation:
+        """The operator for images ``part`` of the batch (masks may differ per image)."""
+        return self
+
+    def data_term(
+        self, x_hat: torch.Tensor, y: torch.Tensor, levels: int = 4, mse_weight: float = 1.0
+    ) -> torch.Tensor:
+        """Per-image loss (B,) between A(x_hat) and the observation y."""
+        ax = self(x_hat)
+        side = min(ax.shape[-2:])
+        levels = max(1, min(levels, int(math.log2(side)) + 1 if side > 0 else 1))
+        return lcm_loss(ax, y, levels, mse_weight, reduction="none")["loss"]
+
+    def naive(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def show(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class Inpaint(Degradation):
+    name = "inpaint"
+
+    def __init__(self, known: torch.Tensor, fill: str = "biharmonic"):
+        if known.ndim != 4 or known.shape[1] != 1:
+            raise ValueError(f"an inpainting mask must be (B, 1, H, W), got {tuple(known.shape)}")
+        self.known = known.float()
+        self.fill = fill
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.known.to(x.device, x.dtype)
+
+    def subset(self, part: slice) -> Degradation:
+        if self.known.shape[0] == 1:
+            return self
+        return Inpaint(self.known[part], self.fill)
+
+    def hole(self, batch: int) -> torch.Tensor:
+        """(B, 1, H, W) bool: True where pixels are missing."""
+        return (self.known < 0.5).expand(batch, -1, -1, -1)
+
+    def naive(self, y: torch.Tensor) -> torch.Tensor:
+        known = self.known.expand(y.shape[0], -1, -1, -1)
+        if self.fill == "mean":
+            mean = (y * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(
+                min=1
+            )
+            return y * known + mean * (1 - known)
+        from skimage.restoration import inpaint_biharmonic
+
+        out = []
+        for img, k in zip(y, known, strict=True):
+            arr = img.permute(1, 2, 0).cpu().double().numpy()
+            hole = (k[0] < 0.5).cpu().numpy()
+            filled = inpaint_biharmonic(arr, hole, channel_axis=-1) if hole.any() else arr
+            out.append(torch.from_numpy(np.clip(filled, 0, 1)).permute(2, 0, 1).float())
+        return torch.stack(out)
+
+    def show(self, y: torch.Tensor) -> torch.Tensor:
+        known = self.known.expand(y.shape[0], -1, -1, -1)
+        return y * known + 0.5 * (1 - known)  # holes in grey
+
+
+class SuperRes(Degradation):
+    name = "superres"
+
+    def __init__(self, factor: int):
+        if factor not in (2, 4, 8):
+            raise ValueError(f"the super-resolution factor must be 2, 4 or 8, not {factor}")
+        self.factor = factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.factor)
+
+    def observed_size(self, size: int) -> int:
+        if size % self.factor:
+            raise ValueError(f"{size}px images cannot be downsampled by {self.factor}")
+        return size // self.factor
+
+    def naive(self, y: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(y, scale_factor=self.factor, mode="bicubic", align_corners=False)
+        return up.clamp(0, 1)
+
+    def show(self, y: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(y, scale_factor=self.factor, mode="nearest")
+
+
+class Colorize(Degradation):
+    name = "colorize"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return x
+        w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+
+    def naive(self, y: torch.Tensor) -> torch.Tensor:
+        return y.expand(-1, 3, -1, -1).clone()
+
+    def show(self, y: torch.Tensor) -> torch.Tensor:
+        return y.expand(-1, 3, -1, -1)
+
+
+# Masks: 1 = known pixel, 0 = hole; shape (1 or B, 1, H, W).
+
+
+def box_mask(size: int, fraction: float = 0.5) -> torch.Tensor:
+    """A centred square hole whose side is ``fraction`` of the image side."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the box fraction must be between 0 and 1, not {fraction}")
+    side = max(1, round(size * fraction))
+    lo = (size - side) // 2
+    known = torch.ones(1, 1, size, size)
+    known[..., lo : lo + side, lo : lo + side] = 0
+    return known
+
+
+def random_boxes_mask(
+    batch: int, size: int, boxes: int = 3, max_fraction: float = 0.4, seed: int = 0
+) -> torch.Tensor:
+    """``boxes`` random rectangular holes per image, each side up to ``max_fraction`` of it."""
+    gen = torch.Generator().manual_seed(seed)
+    known = torch.ones(batch, 1, size, size)
+    top = max(2, int(size * max_fraction))
+    for b in range(batch):
+        for _ in range(boxes):
+            h, w = (int(v) for v in torch.randint(size // 8 or 1, top + 1, (2,), generator=gen))
+            y, x = (int(v) for v in torch.randint(0, size - min(h, size) + 1, (2,), generator=gen))
+            known[b, :, y : y + h, x : x + w] = 0
+    return known
+
+
+def random_pixels_mask(batch: int, size: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """Each pixel missing with probability ``fraction``."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the missing-pixel fraction must be between 0 and 1, not {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 1, size, size, generator=gen) >= fraction).float()
+
+
+def mask_from_file(path: str, size: int) -> torch.Tensor:
+    """A mask image: white (>= 128) marks the hole, black the known pixels. It must be
+    ``size`` x ``size``."""
+    from lcm_dist.shards import load_image
+
+    image = load_image(path).convert("L")
+    if image.size != (size, size):
+        raise ValueError(
+            f"mask {path} is {image.size[0]}x{image.size[1]} but the model's images are "
+            f"{size}x{size}"
+        )
+    hole = torch.from_numpy(np.asarray(image) >= 128)
+    return (~hole).float()[None, None]
+
+
+def make_operator(
+    task: str,
+    size: int,
+    batch: int,
+    *,
+    mask: str | None = None,
+    box: float | None = None,
+    random_boxes: int = 0,
+    random_pixels: float = 0.0,
+    factor: int = 4,
+    fill: str = "biharmonic",
+    seed: int = 0,
+) -> Degradation:
+    """The operator of ``task`` for a batch of ``batch`` images of ``size`` pixels. For
+    inpainting the hole is one of: a mask file, random boxes, random pixels, or (default) a
+    centred box of ``box`` (0.5) of the side."""
+    if task == "inpaint":
+        chosen = [mask is not None, box is not None, random_boxes > 0, random_pixels > 0]
+        if sum(chosen) > 1:
+            raise ValueError("choose one of --mask, --box, --random-boxes and --random-pixels")
+        if mask is not None:
+            known = mask_from_file(mask, size)
+        elif random_boxes:
+            known = random_boxes_mask(batch, size, random_boxes, seed=seed)
+        elif random_pixels:
+            known = random_pixels_mask(batch, size, random_pixels, seed=seed)
+        else:
+            known = box_mask(size, 0.5 if box is None else box)
+        return Inpaint(known, fill)
+    if task == "superres":
+        return SuperRes(factor)
+    if task == "colorize":
+        return Colorize()
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

@@ -1,0 +1,254 @@
+"""Restoration with a trained LCM: fit a fresh phi per degraded image, the generator frozen.
+
+``load_model`` opens an export (``lcm_dist.export``); ``fit_phi`` fits one phi per image of a
+batch at once (the batched latent nets), so many images restore in parallel and each image's
+fit is independent of the others (per-image loss, per-image normalization everywhere).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lcm_dist.config import ModelConfig, model_from_dict
+from lcm_dist.degrade import Degradation
+from lcm_dist.export import ExportError, open_export
+from lcm_dist.generator import Generator
+from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
+
+DEFAULT_ITERATIONS = 500
+DEFAULT_LR = 0.01
+"""Adam on phi: the defaults used for the README's evaluation."""
+
+
+@dataclass
+class RestorationModel:
+    """A trained model loaded from an export: frozen generator, latent nets, training latents."""
+
+    url: str
+    attrs: dict
+    model: ModelConfig
+    generator: Generator
+    net: BatchedLatentNet
+    initial_phi: torch.Tensor
+    group: object
+    storage_options: dict | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def loss(self) -> dict:
+        return {"levels": 4, "mse_weight": 1.0, **self.attrs.get("loss", {})}
+
+    def render(self, phi: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) from phi rows (B, P)."""
+        return self.generator(self.net(phi))
+
+    def row_of(self, key_or_row: str | int) -> int:
+        """The row of a training image given its row number or its key."""
+        n = int(self.attrs["num_images"])
+        text = str(key_or_row)
+        if text.isdigit():
+            row = int(text)
+            if row >= n:
+                raise ValueError(f"row {row} is outside the export's {n} training images")
+            return row
+        keys = list(self.group["keys"][:])
+        try:
+            return keys.index(text)
+        except ValueError:
+            raise ValueError(f"no training image has the key {text!r} in {self.url}") from None
+
+    def reconstruct(self, rows: list[int]) -> torch.Tensor:
+        """The generator's reconstructions of training images from their exported latents."""
+        latents = self.group["latents"]
+        phi = torch.from_numpy(np.stack([np.asarray(latents[r], dtype=np.float32) for r in rows]))
+        with torch.no_grad():
+            return self.render(phi)
+
+
+def load_model(url: str, storage_options: dict | None = None) -> RestorationModel:
+    """Open an export and rebuild its frozen generator and latent nets, checking that the
+    pieces fit together."""
+    import fsspec
+    from safetensors.torch import load as load_safetensors
+
+    group, attrs = open_export(url, storage_options)
+    try:
+        model = model_from_dict(attrs["model"], f"the model config of export {url}")
+    except (KeyError, TypeError) as err:
+        raise ExportError(f"export {url} has no usable model config ({err})") from None
+    layout = phi_layout(model)
+    missing = [a for a in ("latents", "noise", "initial_phi", "keys") if a not in group]
+    if missing:
+        raise ExportError(f"export {url} lacks the array(s) {', '.join(missing)}; export again")
+    if attrs.get("phi_size") != layout.size or group["latents"].shape[1] != layout.size:
+        raise ExportError(
+            f"export {url}: its latents have {group['latents'].shape[1]} entries per image but "
+            f"its model config needs {layout.size}"
+        )
+    path = url.rstrip("/") + "/" + attrs.get("generator", "generator.safetensors")
+    try:
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            weights = load_safetensors(f.read())
+    except FileNotFoundError:
+        raise ExportError(f"export {url} has no generator weights ({path} is missing)") from None
+    except Exception as err:
+        raise ExportError(f"cannot read the generator weights {path}: {err}") from None
+    generator = Generator(model)
+    result = generator.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"{path} does not fit the export's model config (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    generator.eval().requires_grad_(False)
+    net = BatchedLatentNet(model)
+    noise = torch.from_numpy(np.asarray(group["noise"][:], dtype=np.float32))
+    if noise.shape != net.noise.shape:
+        raise ExportError(f"export {url}: its noise has shape {tuple(noise.shape)}")
+    net.noise.copy_(noise)
+    initial = torch.from_numpy(np.asarray(group["initial_phi"][:], dtype=np.float32))
+    return RestorationModel(url, attrs, model, generator, net, initial, group, storage_options)
+
+
+def fit_phi(
+    model: RestorationModel,
+    observed: torch.Tensor,
+    operator: Degradation,
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    lr: float = DEFAULT_LR,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one phi per observation (B images at once) with Adam, the generator frozen;
+    returns (restored images (B, C, H, W), phi (B, P)).
+
+    Each image's loss is its own data term (summed over the batch, so the images do not
+    interact); phi's conv weights are clamped after every step as in training."""
+    b = observed.shape[0]
+    phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([phi], lr=lr)
+    mask = model.net.mask
+    for it in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        per_image = operator.data_term(model.render(phi), observed, **model.loss)
+        per_image.sum().backward()
+        optimizer.step()
+        clamp_phi_(phi, mask, model.model.clamp)
+        if on_step is not None:
+            on_step(it, per_image.detach())
+    with torch.no_grad():
+        return model.render(phi).clamp(0, 1), phi.detach()
+
+
+def restore(
+    model: RestorationModel,
+    observed: torch.Tensor,
+    operator: Degradation,
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Restore many observations in batches of ``batch_size`` (``operator`` covers them all;
+    per-image masks are sliced along). Returns (images, phi, seconds)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=observed.shape[0] * iterations,
+            desc="restore",
+            unit="it",
+            unit_scale=True,
+            dynamic_ncols=True,
+        )
+    start = time.perf_counter()
+    images, phis = [], []
+    for lo in range(0, observed.shape[0], batch_size):
+        part = slice(lo, min(lo + batch_size, observed.shape[0]))
+        n = part.stop - part.start
+
+        def tick(it, losses, n=n):
+            if bar is not None:
+                bar.update(n)
+                if it % 20 == 0:
+                    bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
+
+        x, phi = fit_phi(
+            model, observed[part], operator.subset(part), iterations=iterations, lr=lr, on_step=tick
+        )
+        images.append(x)
+        phis.append(phi)
+    if bar is not None:
+        bar.close()
+    return torch.cat(images), torch.cat(phis), time.perf_counter() - start
+
+
+def save_latents(path: str, phi: torch.Tensor, names: list[str], attrs: dict) -> None:
+    """Fitted phi rows as a Zarr v3 group (array ``latents``, names in the attributes)."""
+    import zarr
+
+    group = zarr.open_group(path, mode="w")
+    group.create_array("latents", data=phi.numpy().astype(np.float32))
+    group.attrs.update({"names": names, **attrs})
+
+
+def to_png_bytes(image: torch.Tensor) -> bytes:
+    """(C, H, W) in [0, 1] as PNG bytes."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def inpainting_preview(
+    generator: torch.nn.Module,
+    net: BatchedLatentNet,
+    model: ModelConfig,
+    images: torch.Tensor,
+    *,
+    iterations: int,
+    loss: dict,
+) -> tuple[torch.Tensor, float]:
+    """Inpaint a centred half-size hole in ``images`` with the generator as it is now (its
+    parameters are left untouched: no gradient reaches them); returns (grid of clean / masked /
+    restored rows, mean PSNR over the holes)."""
+    from lcm_dist.degrade import Inpaint, box_mask
+    from lcm_dist.evaluate import psnr
+    from lcm_dist.latent_net import initial_phi
+    from lcm_dist.metrics import image_grid
+
+    params = list(generator.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        device = params[0].device
+        preview = RestorationModel(
+            "(training)", {"loss": loss}, model, generator, net, initial_phi(model).to(device), None
+        )
+        op = Inpaint(box_mask(model.image_size, 0.5).to(device))
+        images = images.to(device)
+        restored, _ = fit_phi(preview, op(images), op, iterations=iterations)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    hole = op.hole(images.shape[0])[:, 0].cpu()
+    score = float(
+        np.mean([psnr(restored[i].cpu(), images[i].cpu(), hole[i]) for i in range(len(images))])
+    )
+    return image_grid([images, op.show(op(images)), restored]), score

@@ -1,0 +1,360 @@
+"""Restoration: degradation operators, the masked data term, fitting phi, the CLIs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcm_dist.degrade import (
+    Colorize,
+    Degradation,
+    Inpaint,
+    SuperRes,
+    box_mask,
+    make_operator,
+    mask_from_file,
+    random_boxes_mask,
+    random_pixels_mask,
+)
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+
+def _run(*args, timeout=600):
+    return subprocess.run(
+        [PYTHON, *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_inpaint_hole_pixels_never_influence_the_loss():
+    torch.manual_seed(0)
+    known = random_boxes_mask(2, 32, boxes=3, seed=1)
+    op = Inpaint(known)
+    clean = torch.rand(2, 3, 32, 32)
+    y = op(clean)
+    x_hat = torch.rand(2, 3, 32, 32, requires_grad=True)
+    loss = op.data_term(x_hat, y)
+    loss.sum().backward()
+    hole = op.hole(2).expand(-1, 3, -1, -1)
+    assert hole.any() and (~hole).any()
+    assert (x_hat.grad[hole] == 0).all()
+    assert (x_hat.grad[~hole] != 0).any()
+    # Anything in the hole gives the same loss; the observation's hole pixels are zero.
+    other = x_hat.detach().clone()
+    other[hole] = torch.rand(int(hole.sum()))
+    torch.testing.assert_close(op.data_term(other, y), loss.detach(), rtol=0, atol=0)
+    assert (y[hole] == 0).all()
+    # The clean image has zero data term, whatever is under the hole.
+    assert torch.all(op.data_term(clean, y) == 0)
+
+
+def test_masks():
+    known = box_mask(64, 0.5)
+    assert known.shape == (1, 1, 64, 64) and int((known == 0).sum()) == 32 * 32
+    assert known[0, 0, 16:48, 16:48].sum() == 0 and known[0, 0, :16].all()
+    pixels = random_pixels_mask(4, 64, 0.3, seed=0)
+    assert abs(float(1 - pixels.mean()) - 0.3) < 0.02
+    assert not torch.equal(pixels[0], pixels[1])
+    torch.testing.assert_close(random_boxes_mask(2, 32, seed=3), random_boxes_mask(2, 32, seed=3))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        box_mask(64, 1.5)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_operator("inpaint", 64, 1, box=0.5, random_pixels=0.2)
+
+
+def test_mask_file_white_is_hole_and_size_is_checked(tmp_path):
+    arr = np.zeros((32, 32), dtype=np.uint8)
+    arr[4:10, 8:20] = 255
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    known = mask_from_file(str(tmp_path / "m.png"), 32)
+    assert known.shape == (1, 1, 32, 32)
+    assert known[0, 0, 4:10, 8:20].sum() == 0 and int(known.sum()) == 32 * 32 - 6 * 12
+    with pytest.raises(ValueError, match=r"mask .*m.png is 32x32 but the model's images are 64x64"):
+        mask_from_file(str(tmp_path / "m.png"), 64)
+
+
+def test_superres_is_area_downsampling_and_bicubic_naive():
+    op = SuperRes(4)
+    x = torch.arange(64.0).view(1, 1, 8, 8).expand(1, 3, 8, 8) / 64
+    y = op(x)
+    assert y.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(y[0, 0, 0, 0], x[0, 0, :4, :4].mean())
+    assert op.observed_size(64) == 16
+    flat = torch.full((1, 3, 4, 4), 0.3)
+    torch.testing.assert_close(op.naive(flat), torch.full((1, 3, 16, 16), 0.3))
+    assert op.show(flat).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="must be 2, 4 or 8"):
+        SuperRes(3)
+    # The data term at 1/8 of 32px (4x4) still works: the pyramid is shortened to fit.
+    assert SuperRes(8).data_term(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 4, 4)).shape == (2,)
+
+
+def test_colorize_is_luma():
+    op = Colorize()
+    x = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(op(x), torch.full((1, 1, 2, 2), 0.299))
+    gray = torch.rand(1, 1, 4, 4).expand(1, 3, 4, 4)
+    torch.testing.assert_close(op(gray), gray[:, :1])  # weights sum to 1
+    assert op.naive(op(gray)).shape == (1, 3, 4, 4)
+
+
+def test_naive_inpainting_fills():
+    known = box_mask(16, 0.5)
+    flat = torch.full((1, 3, 16, 16), 0.6)
+    for fill in ("mean", "biharmonic"):
+        op = Inpaint(known, fill)
+        torch.testing.assert_close(op.naive(op(flat)), flat, atol=1e-5, rtol=0)
+
+
+def test_restoring_an_undegraded_image_reproduces_it(trained_export, demo_shards):
+    from lcm_dist.data import ShardLoader
+    from lcm_dist.evaluate import psnr
+    from lcm_dist.restore import fit_phi, load_model
+
+    model = load_model(str(trained_export))
+    batch = next(iter(ShardLoader(str(demo_shards), batch_size=4, num_workers=0, image_size=32)))
+    rows = batch.rows.tolist()
+    as_trained = model.reconstruct(rows)
+    with torch.no_grad():
+        untrained = model.render(model.initial_phi.expand(4, -1))
+    fitted, _ = fit_phi(model, batch.images, Degradation(), iterations=300)
+    for i in range(4):
+        clean = batch.images[i]
+        got = psnr(fitted[i], clean)
+        # A fresh phi fitted to a training image reproduces it at least as well as the phi
+        # training gave it, and better than the untrained initial phi (this test model is
+        # trained for 16 steps only, so its range is narrow).
+        assert got >= psnr(as_trained[i], clean) - 0.1
+        assert got >= psnr(untrained[i], clean) + 0.5
+    # An image the generator can produce exactly is reproduced to within a rounding error.
+    fitted, _ = fit_phi(model, as_trained, Degradation(), iterations=300)
+    for i in range(4):
+        assert psnr(fitted[i], as_trained[i]) > 40
+
+
+def test_each_image_restores_as_if_alone(trained_export):
+    # Fitting a batch is fitting each image on its own: an image's output and the gradient of
+    # the batch's loss with respect to its phi do not depend on the other images (up to float
+    # summation order; Adam then amplifies such rounding, so whole fits are not compared).
+    from lcm_dist.restore import load_model
+
+    model = load_model(str(trained_export))
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32)
+    op = make_operator("inpaint", 32, 3, random_boxes=2, seed=0)
+    phi = model.initial_phi.expand(3, -1) + 1e-3 * torch.randn(3, model.initial_phi.numel())
+    phi.requires_grad_(True)
+    out = model.render(phi)
+    op.data_term(out, op(images), **model.loss).sum().backward()
+    one = phi[1:2].detach().clone().requires_grad_(True)
+    alone = model.render(one)
+    sub = op.subset(slice(1, 2))
+    sub.data_term(alone, sub(images[1:2]), **model.loss).sum().backward()
+    torch.testing.assert_close(out[1:2].detach(), alone.detach(), atol=1e-6, rtol=0)
+    scale = float(one.grad.abs().max())
+    torch.testing.assert_close(phi.grad[1:2], one.grad, atol=1e-5 * scale, rtol=0)
+
+
+def test_dip_fits_its_observation():
+    from lcm_dist.baselines import SkipNet, dip_restore
+
+    net = SkipNet(8, 3, (16, 16, 16))
+    assert net(torch.rand(1, 8, 32, 32)).shape == (1, 3, 32, 32)
+    torch.manual_seed(0)
+    clean = torch.rand(1, 3, 1, 1).expand(1, 3, 32, 32).contiguous()  # a flat colour
+    out, _ = dip_restore(clean, Degradation(), 32, iterations=60, channels=(16, 16, 16))
+    assert float((out - clean).pow(2).mean()) < 1e-3
+
+
+def _save(images, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr.squeeze()).save(folder / f"img{i}.png")
+
+
+def test_restore_cli(tmp_path, trained_export):
+    from lcm_dist.restore import load_model
+
+    torch.manual_seed(0)
+    _save(torch.rand(3, 3, 32, 32), tmp_path / "in")
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "inpaint",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--iterations",
+        "5",
+        "--save-latents",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
+    import zarr
+
+    assert zarr.open_group(str(tmp_path / "out" / "latents.zarr"))["latents"].shape == (3, 24448)
+
+    # Super-resolution takes images of the model's size / factor.
+    _save(torch.rand(2, 3, 8, 8), tmp_path / "small")
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "superres",
+        str(tmp_path / "small"),
+        "--factor",
+        "4",
+        "--out",
+        str(tmp_path / "sr"),
+        "--iterations",
+        "3",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp_path / "sr" / "img0.png").size == (32, 32)
+
+    # Wrong sizes are clear errors.
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "colorize",
+        str(tmp_path / "small"),
+        "--out",
+        str(tmp_path / "c"),
+        "--quiet",
+    )
+    assert proc.returncode == 2
+    assert "img0.png is 8x8 but this model restores 32x32 images" in proc.stderr
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "mask.png")
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "inpaint",
+        str(tmp_path / "in"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--out",
+        str(tmp_path / "m"),
+    )
+    assert proc.returncode == 2
+    assert "mask.png is 16x16 but the model's images are 32x32" in proc.stderr
+
+    # Training images by row or key, from the exported latents.
+    model = load_model(str(trained_export))
+    key = list(model.group["keys"][:])[5]
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--reconstruct",
+        "3",
+        key,
+        "--out",
+        str(tmp_path / "rec"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.asarray(Image.open(tmp_path / "rec" / "row00000005.png"), dtype=np.float32) / 255
+    expected = model.reconstruct([5])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, expected, atol=1 / 255)
+    assert (tmp_path / "rec" / "row00000003.png").exists()
+
+
+def test_bad_exports_are_refused(tmp_path, trained_export):
+    import shutil
+
+    import zarr
+
+    from lcm_dist.export import ExportError
+    from lcm_dist.restore import load_model
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(trained_export, broken)
+    (broken / "generator.safetensors").unlink()
+    with pytest.raises(ExportError, match="has no generator weights"):
+        load_model(str(broken))
+    group = zarr.open_group(str(broken), mode="r+")
+    group.attrs["version"] = 2
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(broken),
+        "--reconstruct",
+        "0",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert proc.returncode == 2
+    assert "has format version 2; this lcm-dist reads version 1" in proc.stderr
+
+
+def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
+    torch.manual_seed(0)
+    _save(torch.rand(2, 3, 40, 48), tmp_path / "clean")  # any size: centre-cropped, resized
+    proc = _run(
+        "launch/evaluate.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "inpaint",
+        "--images",
+        str(tmp_path / "clean"),
+        "--out",
+        str(tmp_path / "ev"),
+        "--iterations",
+        "4",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(report["mean"]) == {"lcm", "dip", "naive"}
+    for method in report["mean"].values():
+        assert {"psnr", "ssim", "psnr_hole", "ssim_hole"} <= set(method)
+        assert all(np.isfinite(list(method.values())))
+    assert report["methods"]["lcm"]["iterations"] == report["methods"]["dip"]["iterations"] == 4
+    assert len(report["images"]) == 2 and "lcm" in report["images"][0]
+    grid = Image.open(tmp_path / "ev" / "grid.png")
+    assert grid.size[0] > grid.size[1]  # 5 columns, 2 rows
+    assert list((tmp_path / "ev" / "tb").glob("events.*"))
+    assert "lcm" in proc.stdout and "dip" in proc.stdout
+
+    proc = _run(
+        "launch/evaluate.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "superres",
+        "--images",
+        str(tmp_path / "clean"),
+        "--out",
+        str(tmp_path / "ev2"),
+        "--iterations",
+        "2",
+        "--baselines",
+        "naive",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ev2" / "report.json").read_text())
+    assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
