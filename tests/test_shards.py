@@ -121,3 +121,32 @@ def test_make_shards_cli(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "matches no image files" in bad.stderr
+
+
+def test_make_shards_random_crops_with_held_out_photos(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, (_, im) in enumerate(_images(4, size=96)):
+        im.save(src / f"{'test' if i == 3 else 'train'}-{i}.png")
+    script = str(REPO / "launch/make_shards.py")
+    common = ["--image-size", "16", "--quiet", "--random-crops", "9", "--seed", "3"]
+    done = subprocess.run(
+        [PYTHON, script, str(src), "--exclude", "test-*", "--out", str(tmp_path / "s"), *common],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_manifest(tmp_path / "s")["num_samples"] == 9
+    keys = load_keys(tmp_path / "s")
+    assert all("train-" in k for k in keys) and len({k.split("#")[0] for k in keys}) == 3
+    done = subprocess.run(
+        [PYTHON, script, str(src / "test-3.png"), "--png", "--out", str(tmp_path / "png"), *common],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 9 and Image.open(pngs[0]).size == (16, 16)
+    assert all("test-3" in k for k in (tmp_path / "png" / "keys.txt").read_text().splitlines())
