@@ -59,6 +59,18 @@ def subprocess_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
+def run_script(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run ``python <args>`` from the repository root, capturing its output."""
+    return subprocess.run(
+        [PYTHON, *args],
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on a free loopback port, with one bucket; yields (url prefix, options)."""
@@ -92,14 +104,7 @@ def trained_run(tmp_path_factory, demo_shards):
         checkpoint={"every_steps": 8},
         log={"every_steps": 8, "image_every_steps": 0},
     )
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script("launch/train.py", "--config", str(cfg_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
 

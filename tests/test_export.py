@@ -10,18 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PYTHON, REPO, run_config, subprocess_env
+from tests.conftest import PYTHON, run_config, run_script, subprocess_env
 
-
-def _run(*args, timeout=300):
-    return subprocess.run(
-        [PYTHON, *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+_run = run_script
 
 
 READER = textwrap.dedent(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,18 +20,9 @@ from lcm_dist.degrade import (
     random_boxes_mask,
     random_pixels_mask,
 )
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import run_script
 
-
-def _run(*args, timeout=600):
-    return subprocess.run(
-        [PYTHON, *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+_run = run_script
 
 
 def test_inpaint_hole_pixels_never_influence_the_loss():

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import PYTHON, REPO, free_port, run_config, subprocess_env
+from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
 
 
 def read_scalars(run_dir):
@@ -46,14 +46,7 @@ def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
 
 
 def _train(cfg_path, *extra, timeout=300):
-    return subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path), *extra],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("launch/train.py", "--config", str(cfg_path), *extra, timeout=timeout)
 
 
 def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_path, demo_shards):
