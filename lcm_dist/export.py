@@ -27,7 +27,7 @@ import numpy as np
 from lcm_dist import checkpoint
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.latent_store import LatentStore, _reason
+from lcm_dist.latent_store import LatentStore, _reason, check_codecs, open_group_v3
 from lcm_dist.shards import load_keys
 
 FORMAT = "lcm-dist-export"
@@ -80,7 +80,13 @@ def export_run(
         )
     model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
     num_images = int(state["num_images"])
-    keys = load_keys(shards or cfg.data.shards)
+    try:
+        keys = load_keys(shards or cfg.data.shards)
+    except FileNotFoundError:
+        raise ExportError(
+            f"the run's image keys ({shards or cfg.data.shards}/keys.txt) are missing; if its "
+            "shards moved, pass their folder with --shards"
+        ) from None
     if len(keys) != num_images:
         raise ExportError(
             f"{shards or cfg.data.shards} lists {len(keys)} keys but the run trained on "
@@ -137,7 +143,7 @@ def export_run(
         shape=(num_images, layout.size),
         chunks=(min(num_images, ROWS_PER_CHUNK), layout.size),
         dtype="float32",
-        fill_value=0.0,
+        fill_value=float("nan"),  # a chunk lost in a copy reads as NaN, not as a valid phi
     )
     bar = None
     if progress:
@@ -166,10 +172,8 @@ def export_run(
 def open_export(url: str, storage_options: dict | None = None):
     """Open an export for reading; returns ``(group, attrs)`` after checking that it is a
     complete export of a version this lcm-dist reads."""
-    import zarr
-
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+        group = open_group_v3(url, "r", storage_options)
         attrs = dict(group.attrs)
     except FileNotFoundError:
         raise ExportError(f"no export at {url}") from None
@@ -184,4 +188,8 @@ def open_export(url: str, storage_options: dict | None = None):
         )
     if not attrs.get("complete"):
         raise ExportError(f"export {url} is incomplete (its writing was interrupted); export again")
+    try:
+        check_codecs(group, url)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     return group, attrs

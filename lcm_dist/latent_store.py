@@ -36,6 +36,32 @@ MAX_AUTO_CHUNK_BYTES = 8 << 20
 SLOTS_CHUNK = 1 << 20
 
 
+SAFE_CODECS = frozenset(
+    {"bytes", "transpose", "zstd", "blosc", "gzip", "crc32c", "vlen-utf8", "vlen-bytes"}
+)
+"""Zarr codecs lcm-dist decodes. Anything else (e.g. a pickle filter) is refused: decoding
+data must never run code from it."""
+
+
+def open_group_v3(url: str, mode: str, storage_options: dict | None = None):
+    """``zarr.open_group`` restricted to Zarr v3 (the v2 format can name a pickle filter)."""
+    import zarr
+
+    return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options or None)
+
+
+def check_codecs(group, url: str) -> None:
+    """Refuse a group with an array whose codecs are not all in ``SAFE_CODECS``."""
+    for name, array in group.arrays():
+        codecs = [c.to_dict().get("name") for c in getattr(array.metadata, "codecs", ())]
+        unsafe = [c for c in codecs if c not in SAFE_CODECS]
+        if unsafe:
+            raise ValueError(
+                f"array {name!r} of {url} uses the codec(s) {', '.join(map(str, unsafe))}, "
+                f"which lcm-dist does not decode (allowed: {', '.join(sorted(SAFE_CODECS))})"
+            )
+
+
 def num_chunks(num_rows: int, rows_per_chunk: int) -> int:
     return -(-num_rows // rows_per_chunk)
 
@@ -196,10 +222,8 @@ class LatentStore:
         mode: str = "r+",
     ) -> LatentStore:
         """Open an existing store, checking it against the model and the dataset size."""
-        import zarr
-
         try:
-            group = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+            group = open_group_v3(url, mode, storage_options)
             attrs = dict(group.attrs)
         except FileNotFoundError:
             raise ValueError(f"no latent store at {url}") from None
@@ -212,6 +236,7 @@ class LatentStore:
                 f"latent store {url} has format version {attrs.get('version')}; "
                 f"this lcm-dist reads version {VERSION}"
             )
+        check_codecs(group, url)
         if signature is not None and attrs.get("model") != signature:
             theirs, ours = attrs.get("model", {}), signature
             diff = ", ".join(
