@@ -9,13 +9,12 @@ Clean images of any size are centre-cropped and resized to the model's resolutio
 hourglass fitted with Adam from noise) and ``naive`` (biharmonic or mean fill, bicubic
 upsampling, luminance only). The LCM and DIP get the same number of iterations. Writes
 report.json (PSNR and SSIM per image and mean; over the hole too for inpainting), grid.png
-(rows: clean, degraded, then each method) and TensorBoard events under DIR/tb.
+(a row per image; columns: clean, degraded, then each method) and TensorBoard events under DIR/tb.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = run(args)
-    except (ValueError, json.JSONDecodeError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from lcm_dist.evaluate import format_table
@@ -71,6 +70,7 @@ def run(args) -> dict:
     import torch
 
     from lcm_dist.baselines import dip_restore
+    from lcm_dist.config import parse_options
     from lcm_dist.degrade import make_operator
     from lcm_dist.evaluate import load_images, score, write_report
     from lcm_dist.restore import load_model, restore
@@ -79,9 +79,9 @@ def run(args) -> dict:
     unknown = set(baselines) - {"dip", "naive"}
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
-    if args.iterations < 1:
-        raise ValueError("--iterations must be at least 1")
-    model = load_model(args.model, json.loads(args.model_options))
+    if args.iterations < 1 or args.batch_size < 1:
+        raise ValueError("--iterations and --batch-size must be at least 1")
+    model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
     clean, names = load_images(args.images, size)
     operator = make_operator(

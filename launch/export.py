@@ -12,9 +12,9 @@ safetensors read it; lcm-dist is not needed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from lcm_dist.config import parse_options
 from lcm_dist.export import export_run
 
 
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        try:
-            options = json.loads(args.out_options)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--out-options is not valid JSON ({err})") from None
+        options = parse_options(args.out_options, "--out-options")
         attrs = export_run(
             args.run,
             args.out,

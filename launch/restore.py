@@ -17,7 +17,6 @@ from their exported latents, by row number or key.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -49,6 +48,20 @@ def _observations(paths, operator, size, task):
     return y, files
 
 
+def _output_names(files: list[str], out: str) -> list[str]:
+    """``<input name>.png`` in ``out`` for each input; refuses two inputs with one output
+    name and an output that would overwrite an input."""
+    names = [os.path.splitext(os.path.basename(path))[0] + ".png" for path in files]
+    seen: dict[str, str] = {}
+    for path, name in zip(files, names, strict=True):
+        if name in seen:
+            raise ValueError(f"inputs {seen[name]} and {path} would both be restored to {name}")
+        seen[name] = path
+        if os.path.abspath(os.path.join(out, name)) == os.path.abspath(path):
+            raise ValueError(f"restoring {path} into --out {out} would overwrite it")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        from lcm_dist.config import parse_options
         from lcm_dist.degrade import make_operator
         from lcm_dist.restore import load_model, restore, save_latents, to_png_bytes
 
-        options = json.loads(args.model_options)
-        model = load_model(args.model, options)
+        if args.task is None and not args.reconstruct:
+            parser.error("give --task and images to restore (or --reconstruct)")
+        if args.iterations < 1 or args.batch_size < 1:
+            raise ValueError("--iterations and --batch-size must be at least 1")
+        model = load_model(args.model, parse_options(args.model_options, "--model-options"))
         os.makedirs(args.out, exist_ok=True)
         if args.reconstruct:
             rows = [model.row_of(k) for k in args.reconstruct]
@@ -92,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         if args.task is None or not args.images:
             parser.error("give --task and images to restore (or --reconstruct)")
-        if args.iterations < 1 or args.batch_size < 1:
-            raise ValueError("--iterations and --batch-size must be at least 1")
         size = model.image_size
         from lcm_dist.shards import collect_sources
 
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         y, files = _observations(args.images, operator, size, args.task)
+        names = _output_names(files, args.out)
         images, phi, seconds = restore(
             model,
             y,
@@ -119,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=not args.quiet,
         )
-        names = []
-        for path, image in zip(files, images, strict=True):
-            name = os.path.splitext(os.path.basename(path))[0] + ".png"
-            names.append(name)
+        for name, image in zip(names, images, strict=True):
             with open(os.path.join(args.out, name), "wb") as f:
                 f.write(to_png_bytes(image))
         if args.save_latents:
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"model": args.model, "task": args.task, "iterations": args.iterations},
             )
         print(f"restored {len(files)} image(s) in {seconds:.1f}s into {args.out}")
-    except (ValueError, json.JSONDecodeError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

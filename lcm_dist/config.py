@@ -167,7 +167,7 @@ class LogConfig:
     """Every this many batches, inpaint held-back images with the current generator and show
     them in TensorBoard (0 = never; needs restore_images)."""
     restore_images: str = ""
-    """Held-back images (files, folders or globs) for restore_every_steps: never trained on."""
+    """Held-back images (one file, folder or glob) for restore_every_steps: never trained on."""
     restore_iterations: int = 100
     """Adam iterations of the fresh phi fitted to each held-back image."""
 
@@ -333,11 +333,39 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def validate_model(m: ModelConfig) -> None:
+    """Checks that the latent nets and the generator of a model config fit together."""
+    if not m.latent_widths or min(m.latent_widths) <= 0:
+        raise ValueError("config key 'model.latent_widths' must list positive channel counts")
+    z_size = m.noise_size - 2 * len(m.latent_widths)
+    if z_size < 1:
+        raise ValueError(
+            f"config key 'model.noise_size' ({m.noise_size}) is too small for "
+            f"{len(m.latent_widths)} valid 3x3 convs; raise it"
+        )
+    if z_size % (2 ** len(m.gen_widths)) != 0:
+        raise ValueError(
+            f"the latent grid side {z_size} (model.noise_size - 2 * len(model.latent_widths)) must "
+            f"be divisible by 2**len(model.gen_widths) = {2 ** len(m.gen_widths)}"
+        )
+    if m.image_size != z_size * 2 ** len(m.gen_head_widths):
+        raise ValueError(
+            f"config key 'model.image_size' ({m.image_size}) must equal the latent grid side "
+            f"{z_size} times 2**len(model.gen_head_widths) = {z_size * 2 ** len(m.gen_head_widths)}"
+        )
+    if m.clamp <= 0 or m.noise_scale <= 0:
+        raise ValueError("config keys 'model.clamp' and 'model.noise_scale' must be positive")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks, in one place, with messages that say what to do."""
     m, t, d, lg = cfg.model, cfg.train, cfg.data, cfg.log
     if not cfg.run_dir:
         raise ValueError("config key 'run_dir' must name a directory for the run's outputs")
+    if not d.shards:
+        raise ValueError(
+            "config key 'data.shards' must name the shards folder (make_shards.py --out)"
+        )
     if t.max_steps <= 0:
         raise ValueError("config key 'train.max_steps' must be a positive number of batches")
     if t.inner_steps <= 0:
@@ -365,31 +393,19 @@ def validate(cfg: RunConfig) -> None:
             "config key 'log.restore_every_steps' is set but 'log.restore_images' names no "
             "held-back images"
         )
+    if lg.restore_every_steps and any(
+        cfg.deepspeed.get(k, {}).get("enabled") for k in ("fp16", "bf16")
+    ):
+        raise ValueError(
+            "config key 'log.restore_every_steps' needs the fp32 generator; it cannot be used "
+            "with deepspeed.fp16 or deepspeed.bf16 (restore from an export instead)"
+        )
     if lg.restore_every_steps and cfg.deepspeed.get("zero_optimization", {}).get("stage") == 3:
         raise ValueError(
             "config key 'log.restore_every_steps' needs the whole generator on rank 0; ZeRO "
             "stage 3 partitions it (use stage 0-2, or restore from an export)"
         )
-    if not m.latent_widths or min(m.latent_widths) <= 0:
-        raise ValueError("config key 'model.latent_widths' must list positive channel counts")
-    z_size = m.noise_size - 2 * len(m.latent_widths)
-    if z_size < 1:
-        raise ValueError(
-            f"config key 'model.noise_size' ({m.noise_size}) is too small for "
-            f"{len(m.latent_widths)} valid 3x3 convs; raise it"
-        )
-    if z_size % (2 ** len(m.gen_widths)) != 0:
-        raise ValueError(
-            f"the latent grid side {z_size} (model.noise_size - 2 * len(model.latent_widths)) must "
-            f"be divisible by 2**len(model.gen_widths) = {2 ** len(m.gen_widths)}"
-        )
-    if m.image_size != z_size * 2 ** len(m.gen_head_widths):
-        raise ValueError(
-            f"config key 'model.image_size' ({m.image_size}) must equal the latent grid side "
-            f"{z_size} times 2**len(model.gen_head_widths) = {z_size * 2 ** len(m.gen_head_widths)}"
-        )
-    if m.clamp <= 0 or m.noise_scale <= 0:
-        raise ValueError("config keys 'model.clamp' and 'model.noise_scale' must be positive")
+    validate_model(m)
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_latest < 1:
         raise ValueError(
             "config keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_latest' >= 1"
@@ -442,9 +458,22 @@ def config_from_dict(raw: dict[str, Any], source: str = "the config") -> RunConf
 def model_from_dict(raw: dict[str, Any], source: str = "the model config") -> ModelConfig:
     """A ModelConfig from a ``model`` section (e.g. one saved in a checkpoint or an export)."""
     try:
-        return _build(ModelConfig, _apply_model_preset({"model": raw})["model"], "model")
+        model = _build(ModelConfig, _apply_model_preset({"model": raw})["model"], "model")
+        validate_model(model)
+        return model
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+
+
+def parse_options(text: str, flag: str) -> dict:
+    """A command-line option that holds a JSON object (e.g. fsspec storage options)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"anon\": true}}'")
+    return value
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

@@ -17,8 +17,6 @@ size for grids.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,8 +48,11 @@ class Degradation:
     ) -> torch.Tensor:
         """Per-image loss (B,) between A(x_hat) and the observation y."""
         ax = self(x_hat)
-        side = min(ax.shape[-2:])
-        levels = max(1, min(levels, int(math.log2(side)) + 1 if side > 0 else 1))
+        # As many pyramid levels as the observation halves evenly into (up to ``levels``).
+        side, usable = min(ax.shape[-2:]), 1
+        while usable < levels and side % 2 == 0:
+            side, usable = side // 2, usable + 1
+        levels = usable
         return lcm_loss(ax, y, levels, mse_weight, reduction="none")["loss"]
 
     def naive(self, y: torch.Tensor) -> torch.Tensor:
@@ -212,8 +213,15 @@ def make_operator(
     """The operator of ``task`` for a batch of ``batch`` images of ``size`` pixels. For
     inpainting the hole is one of: a mask file, random boxes, random pixels, or (default) a
     centred box of ``box`` (0.5) of the side."""
+    if random_boxes < 0 or not 0 <= random_pixels < 1 or (box is not None and not 0 < box < 1):
+        raise ValueError(
+            "--random-boxes must be >= 0, --random-pixels in [0, 1) and --box in (0, 1)"
+        )
+    hole_options = [mask is not None, box is not None, random_boxes > 0, random_pixels > 0]
+    if task != "inpaint" and any(hole_options):
+        raise ValueError("--mask, --box, --random-boxes and --random-pixels are for --task inpaint")
     if task == "inpaint":
-        chosen = [mask is not None, box is not None, random_boxes > 0, random_pixels > 0]
+        chosen = hole_options
         if sum(chosen) > 1:
             raise ValueError("choose one of --mask, --box, --random-boxes and --random-pixels")
         if mask is not None:
@@ -224,9 +232,20 @@ def make_operator(
             known = random_pixels_mask(batch, size, random_pixels, seed=seed)
         else:
             known = box_mask(size, 0.5 if box is None else box)
+        where = f"the mask {mask}" if mask is not None else "the inpainting mask"
+        per_image = known.flatten(1)
+        if (per_image > 0.5).all(1).any():
+            raise ValueError(
+                f"{where} has no hole (white pixels) in some image; nothing to inpaint"
+            )
+        if (per_image < 0.5).all(1).any():
+            raise ValueError(f"{where} is all hole in some image; nothing is observed")
         return Inpaint(known, fill)
     if task == "superres":
-        return SuperRes(factor)
+        operator = SuperRes(factor)
+        if size % factor:
+            raise ValueError(f"the model's size {size} is not divisible by --factor {factor}")
+        return operator
     if task == "colorize":
         return Colorize()
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

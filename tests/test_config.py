@@ -15,6 +15,7 @@ from lcm_dist.config import (
 BASE = {
     "run_dir": "runs/x",
     "train": {"max_steps": 5},
+    "data": {"shards": "data/shards"},
     "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 1.0}}},
 }
 
@@ -49,7 +50,15 @@ def test_paper_preset(tmp_path):
         ({"model": {"preset": "huge"}}, "'model.preset'"),
         ({"model": {"latent_widths": [8, "x"]}}, "'model.latent_widths[1]'"),
         ({"model": {"image_size": 48}}, "'model.image_size' (48)"),
-        ({"data": {"batch_size": -1}}, "'data.batch_size'"),
+        ({"data": {"shards": "s", "batch_size": -1}}, "'data.batch_size'"),
+        ({"data": {"batch_size": 4}}, "'data.shards' must name"),
+        (
+            {
+                "log": {"restore_every_steps": 5, "restore_images": "held/"},
+                "deepspeed": {**BASE["deepspeed"], "bf16": {"enabled": True}},
+            },
+            "cannot be used with deepspeed.fp16 or deepspeed.bf16",
+        ),
         ({"log": {"progress": 1}}, "'log.progress' must be true or false"),
         ({"deepspeed": {}}, "'deepspeed.optimizer' is missing"),
         (

@@ -59,6 +59,12 @@ def test_masks():
         box_mask(64, 1.5)
     with pytest.raises(ValueError, match="choose one of"):
         make_operator("inpaint", 64, 1, box=0.5, random_pixels=0.2)
+    with pytest.raises(ValueError, match="--random-boxes must be >= 0"):
+        make_operator("inpaint", 64, 1, random_boxes=-1)
+    with pytest.raises(ValueError, match="are for --task inpaint"):
+        make_operator("superres", 64, 1, box=0.5)
+    with pytest.raises(ValueError, match="size 60 is not divisible by --factor 8"):
+        make_operator("superres", 60, 1, factor=8)
 
 
 def test_mask_file_white_is_hole_and_size_is_checked(tmp_path):
@@ -70,6 +76,12 @@ def test_mask_file_white_is_hole_and_size_is_checked(tmp_path):
     assert known[0, 0, 4:10, 8:20].sum() == 0 and int(known.sum()) == 32 * 32 - 6 * 12
     with pytest.raises(ValueError, match=r"mask .*m.png is 32x32 but the model's images are 64x64"):
         mask_from_file(str(tmp_path / "m.png"), 64)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "none.png")
+    with pytest.raises(ValueError, match=r"the mask .*none.png has no hole"):
+        make_operator("inpaint", 32, 1, mask=str(tmp_path / "none.png"))
+    Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(tmp_path / "all.png")
+    with pytest.raises(ValueError, match=r"the mask .*all.png is all hole"):
+        make_operator("inpaint", 32, 1, mask=str(tmp_path / "all.png"))
 
 
 def test_superres_is_area_downsampling_and_bicubic_naive():
@@ -348,3 +360,105 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ev2" / "report.json").read_text())
     assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
+
+
+def _copy_export(trained_export, to):
+    import shutil
+
+    shutil.copytree(trained_export, to)
+    return to
+
+
+def test_damaged_exports_are_refused_with_the_array_named(tmp_path, trained_export):
+    import numpy as np
+    import zarr
+    from safetensors.numpy import load, save
+
+    from lcm_dist.export import ExportError
+    from lcm_dist.restore import load_model
+
+    # Generator weights of the wrong shape.
+    bad = _copy_export(trained_export, tmp_path / "shape.zarr")
+    weights = load((bad / "generator.safetensors").read_bytes())
+    name = next(k for k, v in weights.items() if v.ndim == 4)
+    weights[name] = np.zeros((1, 1, 1, 1), np.float32)
+    (bad / "generator.safetensors").write_bytes(save(weights))
+    with pytest.raises(ExportError, match=r"generator.safetensors does not fit .*size mismatch"):
+        load_model(str(bad))
+
+    # An array whose chunk was lost in a copy reads as its fill value.
+    lost = _copy_export(trained_export, tmp_path / "lost.zarr")
+    for chunk in (lost / "noise" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    with pytest.raises(ExportError, match="array 'noise' is empty or damaged"):
+        load_model(str(lost))
+
+    # Latents of the wrong shape.
+    shaped = _copy_export(trained_export, tmp_path / "shaped.zarr")
+    group = zarr.open_group(str(shaped), mode="r+")
+    n = group["latents"].shape[0]
+    group.create_array("latents", shape=(n, 7), dtype="float32", overwrite=True)
+    with pytest.raises(ExportError, match=r"array 'latents' has shape \(\d+, 7\)"):
+        load_model(str(shaped))
+
+    # A codec lcm-dist does not decode is refused before any data is read.
+    codec = _copy_export(trained_export, tmp_path / "codec.zarr")
+    group = zarr.open_group(str(codec), mode="r+")
+    noise = group["noise"][:]
+    group.create_array(
+        "noise",
+        data=noise,
+        filters=[zarr.codecs.numcodecs.Delta(dtype="float32")],
+        overwrite=True,
+    )
+    with pytest.raises(ExportError, match="array 'noise' .* uses the codec"):
+        load_model(str(codec))
+
+    # A Zarr v2 group is not an export (v2 metadata can name a pickle filter).
+    v2 = tmp_path / "v2.zarr"
+    zarr.open_group(str(v2), mode="w", zarr_format=2).attrs["format"] = "lcm-dist-export"
+    with pytest.raises(ExportError, match="export"):
+        load_model(str(v2))
+
+
+def test_missing_latent_rows_are_an_error(tmp_path, trained_export):
+    from lcm_dist.export import ExportError
+    from lcm_dist.restore import load_model
+
+    lost = _copy_export(trained_export, tmp_path / "lost.zarr")
+    for chunk in (lost / "latents" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    model = load_model(str(lost))
+    with pytest.raises(ExportError, match="the latents of row 0 are missing"):
+        model.reconstruct([0])
+
+
+def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
+    torch.manual_seed(0)
+    _save(torch.rand(1, 3, 32, 32), tmp_path / "a")
+    _save(torch.rand(1, 3, 32, 32), tmp_path / "b")
+    common = ["--model", str(trained_export), "--task", "inpaint", "--quiet"]
+    proc = _run(
+        "launch/restore.py",
+        *common,
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert proc.returncode == 2
+    assert "would both be restored to img0.png" in proc.stderr
+    proc = _run("launch/restore.py", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "would overwrite it" in proc.stderr
+    proc = _run(
+        "launch/restore.py",
+        *common,
+        str(tmp_path / "a"),
+        "--out",
+        str(tmp_path / "o"),
+        "--model-options",
+        "[1]",
+    )
+    assert proc.returncode == 2 and "--model-options must be a JSON object" in proc.stderr
