@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lcm_dist.config import MODEL_PRESETS, config_from_dict
+from lcm_dist.config import MODEL_PRESETS, model_from_dict
 from lcm_dist.generator import Generator, count_parameters
 from lcm_dist.latent_net import (
     BatchedLatentNet,
@@ -16,13 +16,7 @@ from lcm_dist.latent_net import (
 
 
 def model_cfg(preset="demo32", **extra):
-    raw = {
-        "run_dir": "x",
-        "train": {"max_steps": 1},
-        "model": {"preset": preset, **extra},
-        "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 1.0}}},
-    }
-    return config_from_dict(raw).model
+    return model_from_dict({"preset": preset, **extra})
 
 
 def test_paper_preset_sizes():
