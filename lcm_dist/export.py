@@ -27,7 +27,7 @@ import numpy as np
 from lcm_dist import checkpoint
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.latent_store import LatentStore, _reason, check_codecs, open_group_v3
+from lcm_dist.latent_store import LatentStore, _reason, open_checked_group
 from lcm_dist.shards import load_keys
 
 FORMAT = "lcm-dist-export"
@@ -173,23 +173,9 @@ def open_export(url: str, storage_options: dict | None = None):
     """Open an export for reading; returns ``(group, attrs)`` after checking that it is a
     complete export of a version this lcm-dist reads."""
     try:
-        group = open_group_v3(url, "r", storage_options)
-        attrs = dict(group.attrs)
-    except FileNotFoundError:
-        raise ExportError(f"no export at {url}") from None
-    except Exception as err:
-        raise ExportError(f"cannot open the export at {url}: {_reason(err)}") from None
-    if attrs.get("format") != FORMAT:
-        raise ExportError(f"{url} is not an lcm-dist export (no format {FORMAT!r} attribute)")
-    if attrs.get("version") != VERSION:
-        raise ExportError(
-            f"export {url} has format version {attrs.get('version')}; this lcm-dist reads "
-            f"version {VERSION}"
-        )
-    if not attrs.get("complete"):
-        raise ExportError(f"export {url} is incomplete (its writing was interrupted); export again")
-    try:
-        check_codecs(group, url)
+        group, attrs = open_checked_group(url, "r", storage_options, "export", FORMAT, VERSION)
     except ValueError as err:
         raise ExportError(str(err)) from None
+    if not attrs.get("complete"):
+        raise ExportError(f"export {url} is incomplete (its writing was interrupted); export again")
     return group, attrs

@@ -62,6 +62,29 @@ def check_codecs(group, url: str) -> None:
             )
 
 
+def open_checked_group(
+    url: str, mode: str, storage_options: dict | None, what: str, fmt: str, version: int
+):
+    """Open one of lcm-dist's Zarr groups (``what``: "latent store", "export"); returns
+    ``(group, attrs)`` after checking its format attribute, version and codecs."""
+    try:
+        group = open_group_v3(url, mode, storage_options)
+        attrs = dict(group.attrs)
+    except FileNotFoundError:
+        raise ValueError(f"no {what} at {url}") from None
+    except Exception as err:
+        raise ValueError(f"cannot open the {what} at {url}: {_reason(err)}") from None
+    if attrs.get("format") != fmt:
+        raise ValueError(f"{url} is not an lcm-dist {what} (no format {fmt!r} attribute)")
+    if attrs.get("version") != version:
+        raise ValueError(
+            f"{what} {url} has format version {attrs.get('version')}; this lcm-dist reads "
+            f"version {version}"
+        )
+    check_codecs(group, url)
+    return group, attrs
+
+
 def num_chunks(num_rows: int, rows_per_chunk: int) -> int:
     return -(-num_rows // rows_per_chunk)
 
@@ -222,21 +245,9 @@ class LatentStore:
         mode: str = "r+",
     ) -> LatentStore:
         """Open an existing store, checking it against the model and the dataset size."""
-        try:
-            group = open_group_v3(url, mode, storage_options)
-            attrs = dict(group.attrs)
-        except FileNotFoundError:
-            raise ValueError(f"no latent store at {url}") from None
-        except Exception as err:
-            raise ValueError(f"cannot open the latent store at {url}: {_reason(err)}") from None
-        if attrs.get("format") != FORMAT:
-            raise ValueError(f"{url} is a Zarr group but not an lcm-dist latent store")
-        if attrs.get("version") != VERSION:
-            raise ValueError(
-                f"latent store {url} has format version {attrs.get('version')}; "
-                f"this lcm-dist reads version {VERSION}"
-            )
-        check_codecs(group, url)
+        group, attrs = open_checked_group(
+            url, mode, storage_options, "latent store", FORMAT, VERSION
+        )
         if signature is not None and attrs.get("model") != signature:
             theirs, ours = attrs.get("model", {}), signature
             diff = ", ".join(
