@@ -33,10 +33,11 @@ def _observations(paths, operator, size, task):
     for path in files:
         image = load_image(path)
         if image.size != (side, side):
-            what = f"{task} x{operator.factor} takes" if task == "superres" else "restores"
+            what = "this model restores"
+            if task == "superres":
+                what = f"--task superres --factor {operator.factor} with this model takes"
             raise ValueError(
-                f"image {path} is {image.size[0]}x{image.size[1]} but this model {what} "
-                f"{side}x{side} images"
+                f"image {path} is {image.size[0]}x{image.size[1]} but {what} {side}x{side} images"
             )
         mode = "L" if task == "colorize" else "RGB"
         arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
