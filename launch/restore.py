@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         from lcm_dist.degrade import make_operator
         from lcm_dist.restore import load_model, restore, save_latents, to_png_bytes
 
-        if args.task is None and not args.reconstruct:
+        restoring = bool(args.images) or not args.reconstruct
+        if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
         if args.iterations < 1 or args.batch_size < 1:
             raise ValueError("--iterations and --batch-size must be at least 1")
@@ -106,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(path, "wb") as f:
                     f.write(to_png_bytes(image))
             print(f"reconstructed {len(rows)} training image(s) into {args.out}")
-            if not args.images:
+            if not restoring:
                 return 0
-        if args.task is None or not args.images:
-            parser.error("give --task and images to restore (or --reconstruct)")
         size = model.image_size
         from lcm_dist.shards import collect_sources
 

@@ -221,8 +221,7 @@ def make_operator(
     if task != "inpaint" and any(hole_options):
         raise ValueError("--mask, --box, --random-boxes and --random-pixels are for --task inpaint")
     if task == "inpaint":
-        chosen = hole_options
-        if sum(chosen) > 1:
+        if sum(hole_options) > 1:
             raise ValueError("choose one of --mask, --box, --random-boxes and --random-pixels")
         if mask is not None:
             known = mask_from_file(mask, size)

@@ -80,16 +80,17 @@ def export_run(
         )
     model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
     num_images = int(state["num_images"])
+    shards = shards or cfg.data.shards
     try:
-        keys = load_keys(shards or cfg.data.shards)
+        keys = load_keys(shards)
     except FileNotFoundError:
         raise ExportError(
-            f"the run's image keys ({shards or cfg.data.shards}/keys.txt) are missing; if its "
-            "shards moved, pass their folder with --shards"
+            f"the run's image keys ({shards}/keys.txt) are missing; if its shards moved, pass "
+            "their folder with --shards"
         ) from None
     if len(keys) != num_images:
         raise ExportError(
-            f"{shards or cfg.data.shards} lists {len(keys)} keys but the run trained on "
+            f"{shards} lists {len(keys)} keys but the run trained on "
             f"{num_images} images; pass the run's own shards folder with --shards"
         )
     store = LatentStore.open(
