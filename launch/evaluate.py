@@ -20,7 +20,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from lcm_dist.degrade import TASKS
-    from lcm_dist.restore import DEFAULT_ITERATIONS, DEFAULT_LR
+    from lcm_dist.restore import DEFAULT_ITERATIONS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_ITERATIONS,
         help="iterations of the LCM fit and of DIP (%(default)s)",
     )
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam lr on phi")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
+    )
+    parser.add_argument(
+        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
+    )
     parser.add_argument("--dip-lr", type=float, default=0.01, help="Adam lr of DIP")
     parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,7 +80,7 @@ def run(args) -> dict:
     from lcm_dist.config import parse_options
     from lcm_dist.degrade import make_operator
     from lcm_dist.evaluate import load_images, score, write_report
-    from lcm_dist.restore import load_model, restore
+    from lcm_dist.restore import fit_settings, load_model, restore
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
@@ -81,6 +88,7 @@ def run(args) -> dict:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
     if args.iterations < 1 or args.batch_size < 1:
         raise ValueError("--iterations and --batch-size must be at least 1")
+    args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
     model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
     clean, names = load_images(args.images, size)
@@ -105,6 +113,7 @@ def run(args) -> dict:
         y,
         operator,
         iterations=args.iterations,
+        optimizer=args.optimizer,
         lr=args.lr,
         batch_size=args.batch_size,
         progress=progress,
@@ -151,6 +160,7 @@ def run(args) -> dict:
         for k in (
             "model",
             "iterations",
+            "optimizer",
             "lr",
             "dip_lr",
             "factor",

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     from lcm_dist.degrade import TASKS
-    from lcm_dist.restore import DEFAULT_ITERATIONS, DEFAULT_LR
+    from lcm_dist.restore import DEFAULT_ITERATIONS, OPTIMIZERS
 
     parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
     parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
@@ -82,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
     parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate on phi")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
+    )
+    parser.add_argument(
+        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
@@ -91,13 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lcm_dist.config import parse_options
         from lcm_dist.degrade import make_operator
-        from lcm_dist.restore import load_model, restore, save_latents, to_png_bytes
+        from lcm_dist.restore import fit_settings, load_model, restore, save_latents, to_png_bytes
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
         if args.iterations < 1 or args.batch_size < 1:
             raise ValueError("--iterations and --batch-size must be at least 1")
+        if restoring:
+            args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
         model = load_model(args.model, parse_options(args.model_options, "--model-options"))
         os.makedirs(args.out, exist_ok=True)
         if args.reconstruct:
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             y,
             operator,
             iterations=args.iterations,
+            optimizer=args.optimizer,
             lr=args.lr,
             batch_size=args.batch_size,
             progress=not args.quiet,
@@ -143,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 os.path.join(args.out, "latents.zarr"),
                 phi,
                 names,
-                {"model": args.model, "task": args.task, "iterations": args.iterations},
+                {
+                    "model": args.model,
+                    "task": args.task,
+                    "iterations": args.iterations,
+                    "optimizer": args.optimizer,
+                    "lr": args.lr,
+                },
             )
         print(f"restored {len(files)} image(s) in {seconds:.1f}s into {args.out}")
     except (ValueError, OSError) as err:

@@ -22,8 +22,31 @@ from lcm_dist.generator import Generator
 from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
 
 DEFAULT_ITERATIONS = 500
-DEFAULT_LR = 0.01
-"""Adam on phi: the defaults used for the README's evaluation."""
+OPTIMIZERS = ("sgd", "adam")
+TASK_DEFAULTS = {"inpaint": ("sgd", 0.5), "superres": ("adam", 0.01), "colorize": ("adam", 0.01)}
+"""Optimizer and learning rate on phi per task, chosen on validation crops that are not the
+README's test crops. Inpainting fits with plain SGD (the update rule phi gets in training):
+Adam moves phi's normalization parameters ~100x further from where training left them, and
+the generator fills the hole with texture it never produced in training (hole PSNR 16.8 dB
+with Adam at 0.01, 20.0 dB with SGD at 0.5). For super-resolution Adam at 0.01 is as good as
+SGD at 0.25 and SGD at 1.0 is 2 dB worse."""
+OPTIMIZER_LR = {"sgd": 0.25, "adam": 0.01}
+"""Learning rate for an optimizer that is not the task's default."""
+
+
+def fit_settings(task: str, optimizer: str | None = None, lr: float | None = None):
+    """(optimizer, lr) on phi for ``task``; ``None`` picks the task's default."""
+    default_optimizer, default_lr = TASK_DEFAULTS.get(task, ("adam", OPTIMIZER_LR["adam"]))
+    if optimizer is None or optimizer == default_optimizer:
+        optimizer = default_optimizer
+    elif optimizer in OPTIMIZERS:
+        default_lr = OPTIMIZER_LR[optimizer]
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    lr = default_lr if lr is None else lr
+    if not lr > 0:
+        raise ValueError(f"the learning rate on phi must be positive, got {lr}")
+    return optimizer, lr
 
 
 @dataclass
@@ -158,17 +181,20 @@ def fit_phi(
     operator: Degradation,
     *,
     iterations: int = DEFAULT_ITERATIONS,
-    lr: float = DEFAULT_LR,
+    optimizer: str | None = None,
+    lr: float | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit one phi per observation (B images at once) with Adam, the generator frozen;
-    returns (restored images (B, C, H, W), phi (B, P)).
+    """Fit one phi per observation (B images at once), the generator frozen; returns
+    (restored images (B, C, H, W), phi (B, P)). ``optimizer`` and ``lr`` default per task
+    (``fit_settings``).
 
     Each image's loss is its own data term (summed over the batch, so the images do not
     interact); phi's conv weights are clamped after every step as in training."""
+    name, lr = fit_settings(operator.name, optimizer, lr)
     b = observed.shape[0]
     phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([phi], lr=lr)
+    optimizer = torch.optim.SGD([phi], lr=lr) if name == "sgd" else torch.optim.Adam([phi], lr=lr)
     mask = model.net.mask
     for it in range(iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -188,7 +214,8 @@ def restore(
     operator: Degradation,
     *,
     iterations: int = DEFAULT_ITERATIONS,
-    lr: float = DEFAULT_LR,
+    optimizer: str | None = None,
+    lr: float | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -218,7 +245,13 @@ def restore(
                     bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
 
         x, phi = fit_phi(
-            model, observed[part], operator.subset(part), iterations=iterations, lr=lr, on_step=tick
+            model,
+            observed[part],
+            operator.subset(part),
+            iterations=iterations,
+            optimizer=optimizer,
+            lr=lr,
+            on_step=tick,
         )
         images.append(x)
         phis.append(phi)

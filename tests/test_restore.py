@@ -143,6 +143,27 @@ def test_restoring_an_undegraded_image_reproduces_it(trained_export, demo_shards
         assert psnr(fitted[i], as_trained[i]) > 40
 
 
+def test_fit_settings_per_task_and_sgd_inpainting_fits_the_known_pixels(trained_export):
+    from lcm_dist.restore import fit_phi, fit_settings, load_model
+
+    assert fit_settings("inpaint") == ("sgd", 0.5)
+    assert fit_settings("superres") == ("adam", 0.01)
+    assert fit_settings("inpaint", "adam") == ("adam", 0.01)  # that optimizer's own default
+    assert fit_settings("superres", "sgd", 0.1) == ("sgd", 0.1)
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        fit_settings("inpaint", "lbfgs")
+    with pytest.raises(ValueError, match="must be positive"):
+        fit_settings("inpaint", lr=0.0)
+
+    # The default inpainting fit (plain SGD) lowers every image's data term steadily.
+    model = load_model(str(trained_export))
+    as_trained = model.reconstruct([0, 1, 2])
+    op = make_operator("inpaint", 32, 3)
+    losses = []
+    fit_phi(model, op(as_trained), op, iterations=40, on_step=lambda it, l: losses.append(l))
+    assert (losses[-1] < 0.5 * losses[0]).all(), (losses[0], losses[-1])
+
+
 def test_each_image_restores_as_if_alone(trained_export):
     # Fitting a batch is fitting each image on its own: an image's output and the gradient of
     # the batch's loss with respect to its phi do not depend on the other images (up to float
@@ -211,7 +232,9 @@ def test_restore_cli(tmp_path, trained_export):
     ]
     import zarr
 
-    assert zarr.open_group(str(tmp_path / "out" / "latents.zarr"))["latents"].shape == (3, 24448)
+    saved = zarr.open_group(str(tmp_path / "out" / "latents.zarr"))
+    assert saved["latents"].shape == (3, 24448)
+    assert (saved.attrs["optimizer"], saved.attrs["lr"]) == ("sgd", 0.5)
 
     # Super-resolution takes images of the model's size / factor.
     _save(torch.rand(2, 3, 8, 8), tmp_path / "small")
@@ -335,6 +358,7 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
         assert {"psnr", "ssim", "psnr_hole", "ssim_hole"} <= set(method)
         assert all(np.isfinite(list(method.values())))
     assert report["methods"]["lcm"]["iterations"] == report["methods"]["dip"]["iterations"] == 4
+    assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("sgd", 0.5)
     assert len(report["images"]) == 2 and "lcm" in report["images"][0]
     grid = Image.open(tmp_path / "ev" / "grid.png")
     assert grid.size[0] > grid.size[1]  # 5 columns, 2 rows
@@ -360,6 +384,7 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ev2" / "report.json").read_text())
     assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
+    assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("adam", 0.01)
 
 
 def _copy_export(trained_export, to):
