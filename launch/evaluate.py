@@ -19,45 +19,22 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lcm_dist.degrade import TASKS
-    from lcm_dist.restore import DEFAULT_ITERATIONS, OPTIMIZERS
+    from lcm_dist.restore import add_fit_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
-    parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
-    parser.add_argument("--task", required=True, choices=TASKS)
+    add_fit_arguments(parser, task_required=True)
     parser.add_argument("--images", nargs="+", required=True, help="clean images or folders")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--baselines", default="dip,naive", help="comma list of dip, naive")
-    parser.add_argument("--mask", help="inpainting mask file (white = hole)")
-    parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
-    parser.add_argument("--random-boxes", type=int, default=0, metavar="N")
-    parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
     parser.add_argument(
         "--fill",
         choices=["biharmonic", "mean"],
         default="biharmonic",
         help="the naive inpainting fill",
     )
-    parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        default=DEFAULT_ITERATIONS,
-        help="iterations of the LCM fit and of DIP (%(default)s)",
-    )
-    parser.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
-    )
-    parser.add_argument(
-        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
-    )
     parser.add_argument("--dip-lr", type=float, default=0.01, help="Adam lr of DIP")
-    parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -78,9 +55,8 @@ def run(args) -> dict:
 
     from lcm_dist.baselines import dip_restore
     from lcm_dist.config import parse_options
-    from lcm_dist.degrade import make_operator
     from lcm_dist.evaluate import load_images, score, write_report
-    from lcm_dist.restore import fit_settings, load_model, restore
+    from lcm_dist.restore import fit_settings, load_model, operator_from_args, restore
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
@@ -92,18 +68,7 @@ def run(args) -> dict:
     model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
     clean, names = load_images(args.images, size)
-    operator = make_operator(
-        args.task,
-        size,
-        clean.shape[0],
-        mask=args.mask,
-        box=args.box,
-        random_boxes=args.random_boxes,
-        random_pixels=args.random_pixels,
-        factor=args.factor,
-        fill=args.fill,
-        seed=args.seed,
-    )
+    operator = operator_from_args(args, size, clean.shape[0], fill=args.fill)
     torch.manual_seed(args.seed)
     y = operator(clean)
     progress = not args.quiet

@@ -67,38 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from lcm_dist.degrade import TASKS
-    from lcm_dist.restore import DEFAULT_ITERATIONS, OPTIMIZERS
+    from lcm_dist.restore import add_fit_arguments
 
-    parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
-    parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
-    parser.add_argument("--task", choices=TASKS)
+    add_fit_arguments(parser, task_required=False)
     parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
     parser.add_argument("--reconstruct", nargs="+", metavar="ROW_OR_KEY", default=[])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mask", help="inpainting mask file (white = hole)")
-    parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
-    parser.add_argument("--random-boxes", type=int, default=0, metavar="N")
-    parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
-    parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    parser.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
-    )
-    parser.add_argument(
-        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         from lcm_dist.config import parse_options
-        from lcm_dist.degrade import make_operator
-        from lcm_dist.restore import fit_settings, load_model, restore, save_latents, to_png_bytes
+        from lcm_dist.restore import (
+            fit_settings,
+            load_model,
+            operator_from_args,
+            restore,
+            save_latents,
+            to_png_bytes,
+        )
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
@@ -122,17 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         from lcm_dist.shards import collect_sources
 
         count = len(collect_sources(args.images))
-        operator = make_operator(
-            args.task,
-            size,
-            count,
-            mask=args.mask,
-            box=args.box,
-            random_boxes=args.random_boxes,
-            random_pixels=args.random_pixels,
-            factor=args.factor,
-            seed=args.seed,
-        )
+        operator = operator_from_args(args, size, count)
         y, files = _observations(args.images, operator, size, args.task)
         names = _output_names(files, args.out)
         images, phi, seconds = restore(

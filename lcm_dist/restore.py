@@ -175,6 +175,55 @@ def load_model(url: str, storage_options: dict | None = None) -> RestorationMode
     return RestorationModel(url, attrs, model, generator, net, initial, group, storage_options)
 
 
+def add_fit_arguments(parser, *, task_required: bool) -> None:
+    """The command-line options restore.py and evaluate.py share: the export, the task and its
+    degradation, and the phi fit."""
+    from lcm_dist.degrade import TASKS
+
+    parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
+    parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
+    parser.add_argument("--task", required=task_required, choices=TASKS)
+    parser.add_argument("--mask", help="inpainting mask file (white = hole)")
+    parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
+    parser.add_argument("--random-boxes", type=int, default=0, metavar="N")
+    parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
+    parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help="iterations of the phi fit, and of DIP in evaluate.py (%(default)s)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
+    )
+    parser.add_argument(
+        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
+
+
+def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
+    """The degradation of ``count`` images of ``size`` pixels that the options of
+    ``add_fit_arguments`` describe (``extra``: further ``make_operator`` arguments)."""
+    from lcm_dist.degrade import make_operator
+
+    return make_operator(
+        args.task,
+        size,
+        count,
+        mask=args.mask,
+        box=args.box,
+        random_boxes=args.random_boxes,
+        random_pixels=args.random_pixels,
+        factor=args.factor,
+        seed=args.seed,
+        **extra,
+    )
+
+
 def fit_phi(
     model: RestorationModel,
     observed: torch.Tensor,
