@@ -45,7 +45,7 @@ def fit_settings(task: str, optimizer: str | None = None, lr: float | None = Non
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     lr = default_lr if lr is None else lr
     if not lr > 0:
-        raise ValueError(f"the learning rate on phi must be positive, got {lr}")
+        raise ValueError(f"the learning rate on phi (--lr) must be positive, got {lr}")
     return optimizer, lr
 
 

@@ -160,7 +160,7 @@ def test_fit_settings_per_task_and_sgd_inpainting_fits_the_known_pixels(trained_
     as_trained = model.reconstruct([0, 1, 2])
     op = make_operator("inpaint", 32, 3)
     losses = []
-    fit_phi(model, op(as_trained), op, iterations=40, on_step=lambda it, l: losses.append(l))
+    fit_phi(model, op(as_trained), op, iterations=40, on_step=lambda it, loss: losses.append(loss))
     assert (losses[-1] < 0.5 * losses[0]).all(), (losses[0], losses[-1])
 
 
