@@ -54,6 +54,27 @@ def _run_config(run_dir: Path):
     return config_from_dict(raw, str(path))
 
 
+def _training_dir(run: Path, configured: str) -> Path | None:
+    """The directory training ran from, when the run's configured ``run_dir`` is a relative
+    path that ``run`` (as found now) ends with; relative paths in the run's config and state
+    are relative to it."""
+    if not configured or "://" in configured or Path(configured).is_absolute():
+        return None
+    tail = Path(os.path.normpath(configured)).parts
+    parts = run.resolve().parts
+    if tail and parts[-len(tail) :] == tail:
+        return Path(*parts[: -len(tail)])
+    return None
+
+
+def _locate(path: str, base: Path | None) -> str:
+    """A path from the run's config or state, as seen from the current directory: a relative
+    local path is taken relative to the directory training ran from (``base``)."""
+    if base is None or not path or "://" in path or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     out_url: str,
@@ -80,7 +101,9 @@ def export_run(
         )
     model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
     num_images = int(state["num_images"])
-    shards = shards or cfg.data.shards
+    # Relative paths in the run are relative to where training ran, not to where export runs.
+    base = _training_dir(run, cfg.run_dir)
+    shards = shards or _locate(cfg.data.shards, base)
     try:
         keys = load_keys(shards)
     except FileNotFoundError:
@@ -94,7 +117,7 @@ def export_run(
             f"{num_images} images; pass the run's own shards folder with --shards"
         )
     store = LatentStore.open(
-        state["store_url"], storage_options=cfg.store.storage_options, mode="r"
+        _locate(state["store_url"], base), storage_options=cfg.store.storage_options, mode="r"
     )
     store.restore_slots(commit.slots)
 

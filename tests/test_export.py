@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PYTHON, run_config, run_script, subprocess_env
+from tests.conftest import PYTHON, REPO, run_config, run_script, subprocess_env
 
 _run = run_script
 
@@ -198,3 +198,30 @@ def test_export_errors(tmp_path, demo_shards):
     assert proc.returncode == 2
     assert "has no committed checkpoint to export yet" in proc.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_shards):
+    # A run configured with relative paths (as users write them) trains from its project
+    # folder; exporting it from elsewhere still finds its shards and latent store.
+    import shutil
+
+    from lcm_dist.export import export_run
+
+    project = tmp_path / "project"
+    shutil.copytree(demo_shards, project / "data" / "shards")
+    cfg = json.loads(run_config(tmp_path, demo_shards, train={"max_steps": 2}).read_text())
+    cfg["run_dir"] = "runs/r"
+    cfg["data"]["shards"] = "data/shards"
+    (project / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "launch" / "train.py"), "--config", "config.json"],
+        cwd=project,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (project / "runs" / "r" / "latents.zarr").is_dir()
+    attrs = export_run(project / "runs" / "r", str(tmp_path / "out.zarr"), progress=False)
+    assert attrs["step"] == 2 and attrs["complete"]
