@@ -63,7 +63,10 @@ def run(args) -> dict:
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
     if args.iterations < 1 or args.batch_size < 1:
-        raise ValueError("--iterations and --batch-size must be at least 1")
+        raise ValueError(
+            f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
+            f"{args.batch_size}"
+        )
     args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
     model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
@@ -138,6 +141,10 @@ def run(args) -> dict:
         )
     }
     settings["images"] = len(names)
+    if args.task == "inpaint" and not (args.mask or args.random_boxes or args.random_pixels):
+        settings["box"] = 0.5 if args.box is None else args.box  # the default hole
+    if args.task != "superres":
+        settings["factor"] = None
     return write_report(
         args.out,
         task=args.task,

@@ -92,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
         if args.iterations < 1 or args.batch_size < 1:
-            raise ValueError("--iterations and --batch-size must be at least 1")
+            raise ValueError(
+                f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
+                f"{args.batch_size}"
+            )
         if restoring:
             args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
         model = load_model(args.model, parse_options(args.model_options, "--model-options"))
         os.makedirs(args.out, exist_ok=True)
         if args.reconstruct:
-            rows = [model.row_of(k) for k in args.reconstruct]
+            rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))
             for row, image in zip(rows, model.reconstruct(rows), strict=True):
                 path = os.path.join(args.out, f"row{row:08d}.png")
                 with open(path, "wb") as f:

@@ -169,7 +169,8 @@ class LogConfig:
     restore_images: str = ""
     """Held-back images (one file, folder or glob) for restore_every_steps: never trained on."""
     restore_iterations: int = 100
-    """Adam iterations of the fresh phi fitted to each held-back image."""
+    """Iterations of the fresh phi fitted to each held-back image (SGD at lr 0.5, the
+    inpainting default of launch/restore.py)."""
 
 
 @dataclass(frozen=True)

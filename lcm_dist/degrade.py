@@ -185,8 +185,12 @@ def random_pixels_mask(batch: int, size: int, fraction: float = 0.5, seed: int =
 def mask_from_file(path: str, size: int) -> torch.Tensor:
     """A mask image: white (>= 128) marks the hole, black the known pixels. It must be
     ``size`` x ``size``."""
+    import os
+
     from lcm_dist.shards import load_image
 
+    if not os.path.isfile(path):
+        raise ValueError(f"mask file {path} does not exist")
     image = load_image(path).convert("L")
     if image.size != (size, size):
         raise ValueError(
@@ -213,10 +217,12 @@ def make_operator(
     """The operator of ``task`` for a batch of ``batch`` images of ``size`` pixels. For
     inpainting the hole is one of: a mask file, random boxes, random pixels, or (default) a
     centred box of ``box`` (0.5) of the side."""
-    if random_boxes < 0 or not 0 <= random_pixels < 1 or (box is not None and not 0 < box < 1):
-        raise ValueError(
-            "--random-boxes must be >= 0, --random-pixels in [0, 1) and --box in (0, 1)"
-        )
+    if random_boxes < 0:
+        raise ValueError(f"--random-boxes must be >= 0, got {random_boxes}")
+    if not 0 <= random_pixels < 1:
+        raise ValueError(f"--random-pixels must be in [0, 1), got {random_pixels}")
+    if box is not None and not 0 < box < 1:
+        raise ValueError(f"--box must be in (0, 1), got {box}")
     hole_options = [mask is not None, box is not None, random_boxes > 0, random_pixels > 0]
     if task != "inpaint" and any(hole_options):
         raise ValueError("--mask, --box, --random-boxes and --random-pixels are for --task inpaint")

@@ -103,22 +103,27 @@ def export_run(
     num_images = int(state["num_images"])
     # Relative paths in the run are relative to where training ran, not to where export runs.
     base = _training_dir(run, cfg.run_dir)
+    given = shards is not None
     shards = shards or _locate(cfg.data.shards, base)
     try:
         keys = load_keys(shards)
     except FileNotFoundError:
-        raise ExportError(
-            f"the run's image keys ({shards}/keys.txt) are missing; if its shards moved, pass "
-            "their folder with --shards"
-        ) from None
+        hint = (
+            "--shards must name the folder of the run's shards"
+            if given
+            else "if its shards moved, pass their folder with --shards"
+        )
+        raise ExportError(f"the run's image keys ({shards}/keys.txt) are missing; {hint}") from None
     if len(keys) != num_images:
         raise ExportError(
             f"{shards} lists {len(keys)} keys but the run trained on "
             f"{num_images} images; pass the run's own shards folder with --shards"
         )
-    store = LatentStore.open(
-        _locate(state["store_url"], base), storage_options=cfg.store.storage_options, mode="r"
+    # The default store (empty store.url) lives inside the run folder, wherever it is now.
+    store_url = (
+        str(run / "latents.zarr") if not cfg.store.url else _locate(state["store_url"], base)
     )
+    store = LatentStore.open(store_url, storage_options=cfg.store.storage_options, mode="r")
     store.restore_slots(commit.slots)
 
     try:
@@ -199,6 +204,11 @@ def open_export(url: str, storage_options: dict | None = None):
     try:
         group, attrs = open_checked_group(url, "r", storage_options, "export", FORMAT, VERSION)
     except ValueError as err:
+        if "://" not in url and (Path(url) / "config.json").is_file():
+            raise ExportError(
+                f"{url} is a training run, not an export; make one with "
+                f"python launch/export.py --run {url} --out EXPORT"
+            ) from None
         raise ExportError(str(err)) from None
     if not attrs.get("complete"):
         raise ExportError(f"export {url} is incomplete (its writing was interrupted); export again")

@@ -79,6 +79,8 @@ class RestorationModel:
         """The row of a training image given its row number or its key."""
         n = int(self.attrs["num_images"])
         text = str(key_or_row)
+        if text.startswith("-") and text[1:].isdigit():
+            raise ValueError(f"row {text} is not a row number (rows are 0 to {n - 1})")
         if text.isdigit():
             row = int(text)
             if row >= n:
@@ -200,7 +202,9 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
         help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
     )
     parser.add_argument(
-        "--lr", type=float, help="learning rate on phi (default: 0.5 sgd inpaint, 0.01 adam)"
+        "--lr",
+        type=float,
+        help="learning rate on phi (default: sgd 0.5 for inpaint, 0.25 otherwise; adam 0.01)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
 

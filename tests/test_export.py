@@ -200,7 +200,7 @@ def test_export_errors(tmp_path, demo_shards):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_shards):
+def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_shards, monkeypatch):
     # A run configured with relative paths (as users write them) trains from its project
     # folder; exporting it from elsewhere still finds its shards and latent store.
     import shutil
@@ -225,3 +225,18 @@ def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_sh
     assert (project / "runs" / "r" / "latents.zarr").is_dir()
     attrs = export_run(project / "runs" / "r", str(tmp_path / "out.zarr"), progress=False)
     assert attrs["step"] == 2 and attrs["complete"]
+
+    # A copy of the run folder exports its own latent store (the default store lives in the
+    # run folder), even from the original's project folder, where runs/r/latents.zarr exists.
+    from lcm_dist.export import ExportError
+
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(project / "runs" / "r", copy)
+    monkeypatch.chdir(project)
+    shards = str(project / "data" / "shards")
+    export_run(copy, str(tmp_path / "copy.zarr"), shards=shards, progress=False)
+    shutil.rmtree(copy / "latents.zarr")
+    with pytest.raises(ValueError, match=f"no latent store at {copy / 'latents.zarr'}"):
+        export_run(copy, str(tmp_path / "copy2.zarr"), shards=shards, progress=False)
+    with pytest.raises(ExportError, match="--shards must name the folder of the run's shards"):
+        export_run(copy, str(tmp_path / "copy3.zarr"), shards=str(tmp_path), progress=False)

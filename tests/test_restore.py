@@ -59,8 +59,12 @@ def test_masks():
         box_mask(64, 1.5)
     with pytest.raises(ValueError, match="choose one of"):
         make_operator("inpaint", 64, 1, box=0.5, random_pixels=0.2)
-    with pytest.raises(ValueError, match="--random-boxes must be >= 0"):
+    with pytest.raises(ValueError, match="--random-boxes must be >= 0, got -1"):
         make_operator("inpaint", 64, 1, random_boxes=-1)
+    with pytest.raises(ValueError, match=r"--box must be in \(0, 1\), got 1.5"):
+        make_operator("inpaint", 64, 1, box=1.5)
+    with pytest.raises(ValueError, match="mask file nowhere.png does not exist"):
+        make_operator("inpaint", 64, 1, mask="nowhere.png")
     with pytest.raises(ValueError, match="are for --task inpaint"):
         make_operator("superres", 64, 1, box=0.5)
     with pytest.raises(ValueError, match="size 60 is not divisible by --factor 8"):
@@ -162,6 +166,19 @@ def test_fit_settings_per_task_and_sgd_inpainting_fits_the_known_pixels(trained_
     losses = []
     fit_phi(model, op(as_trained), op, iterations=40, on_step=lambda it, loss: losses.append(loss))
     assert (losses[-1] < 0.5 * losses[0]).all(), (losses[0], losses[-1])
+
+
+def test_run_folder_as_model_and_bad_rows_are_clear_errors(trained_run, trained_export):
+    from lcm_dist.export import ExportError
+    from lcm_dist.restore import load_model
+
+    with pytest.raises(ExportError, match="is a training run, not an export; make one with"):
+        load_model(str(trained_run))
+    model = load_model(str(trained_export))
+    with pytest.raises(ValueError, match=r"row -1 is not a row number \(rows are 0 to 63\)"):
+        model.row_of("-1")
+    with pytest.raises(ValueError, match="row 64 is outside the export's 64 training images"):
+        model.row_of(64)
 
 
 def test_each_image_restores_as_if_alone(trained_export):
@@ -359,6 +376,7 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
         assert all(np.isfinite(list(method.values())))
     assert report["methods"]["lcm"]["iterations"] == report["methods"]["dip"]["iterations"] == 4
     assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("sgd", 0.5)
+    assert report["settings"]["box"] == 0.5 and report["settings"]["factor"] is None
     assert len(report["images"]) == 2 and "lcm" in report["images"][0]
     grid = Image.open(tmp_path / "ev" / "grid.png")
     assert grid.size[0] > grid.size[1]  # 5 columns, 2 rows
