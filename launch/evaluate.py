@@ -96,7 +96,7 @@ def run(args) -> dict:
                 total=clean.shape[0] * args.iterations,
                 desc="dip",
                 unit="it",
-                unit_scale=True,
+                unit_scale=clean.shape[0] * args.iterations >= 10_000,
                 dynamic_ncols=True,
             )
         images, seconds = dip_restore(

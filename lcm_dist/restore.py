@@ -282,7 +282,7 @@ def restore(
             total=observed.shape[0] * iterations,
             desc="restore",
             unit="it",
-            unit_scale=True,
+            unit_scale=observed.shape[0] * iterations >= 10_000,
             dynamic_ncols=True,
         )
     start = time.perf_counter()
