@@ -10,8 +10,9 @@ per image, many images at once).
 Inputs must already have the model's size (super-resolution: the size divided by --factor);
 colour inputs to colorize are converted to luminance. For inpainting, the hole is a mask file
 (white = hole, black = known; the model's size), --box F (a centred square of F x the side,
-default 0.5), --random-boxes N or --random-pixels F. --reconstruct renders training images
-from their exported latents, by row number or key.
+default 0.5), --random-boxes N or --random-pixels F; the outputs keep the observed pixels and
+take only the holes from the model (--raw: the model's whole image). --reconstruct renders
+training images from their exported latents, by row number or key.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="inpainting: save the generator's whole output (default: observed pixels kept)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=not args.quiet,
         )
+        if args.task == "inpaint" and not args.raw:
+            images = operator.paste(y, images)
         for name, image in zip(names, images, strict=True):
             with open(os.path.join(args.out, name), "wb") as f:
                 f.write(to_png_bytes(image))

@@ -83,6 +83,12 @@ class Inpaint(Degradation):
         """(B, 1, H, W) bool: True where pixels are missing."""
         return (self.known < 0.5).expand(batch, -1, -1, -1)
 
+    def paste(self, y: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """The restored images with the observed pixels of ``y`` put back (only the holes
+        come from ``x_hat``)."""
+        known = self.known.to(x_hat.device, x_hat.dtype).expand(x_hat.shape[0], -1, -1, -1)
+        return y * known + x_hat * (1 - known)
+
     def naive(self, y: torch.Tensor) -> torch.Tensor:
         known = self.known.expand(y.shape[0], -1, -1, -1)
         if self.fill == "mean":

@@ -249,6 +249,29 @@ def test_restore_cli(tmp_path, trained_export):
     ]
     import zarr
 
+    # The observed pixels are kept; only the hole (the centred half-size box) is the model's.
+    known = box_mask(32, 0.5)[0, 0].numpy() > 0.5
+    given = np.asarray(Image.open(tmp_path / "in" / "img0.png"), dtype=np.int16)
+    restored = np.asarray(Image.open(tmp_path / "out" / "img0.png"), dtype=np.int16)
+    assert np.abs(restored - given)[known].max() <= 1
+    assert np.abs(restored - given)[~known].mean() > 10
+    proc = _run(
+        "launch/restore.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "inpaint",
+        str(tmp_path / "in" / "img0.png"),
+        "--out",
+        str(tmp_path / "raw"),
+        "--iterations",
+        "5",
+        "--raw",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = np.asarray(Image.open(tmp_path / "raw" / "img0.png"), dtype=np.int16)
+    assert np.abs(raw - given)[known].mean() > 10  # the model's own rendering everywhere
     saved = zarr.open_group(str(tmp_path / "out" / "latents.zarr"))
     assert saved["latents"].shape == (3, 24448)
     assert (saved.attrs["optimizer"], saved.attrs["lr"]) == ("sgd", 0.5)
