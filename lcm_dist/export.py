@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from lcm_dist import checkpoint
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.latent_store import LatentStore, _reason, open_checked_group
+from lcm_dist.latent_store import LatentStore, _reason, open_checked_group, resolve_url
 from lcm_dist.shards import load_keys
 
 FORMAT = "lcm-dist-export"
@@ -121,7 +122,9 @@ def export_run(
         )
     # The default store (empty store.url) lives inside the run folder, wherever it is now.
     store_url = (
-        str(run / "latents.zarr") if not cfg.store.url else _locate(state["store_url"], base)
+        resolve_url(replace(cfg, run_dir=str(run)))
+        if not cfg.store.url
+        else _locate(state["store_url"], base)
     )
     store = LatentStore.open(store_url, storage_options=cfg.store.storage_options, mode="r")
     store.restore_slots(commit.slots)
