@@ -55,8 +55,15 @@ def run(args) -> dict:
 
     from lcm_dist.baselines import dip_restore
     from lcm_dist.config import parse_options
+    from lcm_dist.degrade import DEFAULT_BOX
     from lcm_dist.evaluate import load_images, score, write_report
-    from lcm_dist.restore import fit_settings, load_model, operator_from_args, restore
+    from lcm_dist.restore import (
+        fit_settings,
+        iteration_bar,
+        load_model,
+        operator_from_args,
+        restore,
+    )
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
@@ -88,17 +95,7 @@ def run(args) -> dict:
     )
     results["lcm"] = {"images": images, "iterations": args.iterations, "seconds": seconds}
     if "dip" in baselines:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=clean.shape[0] * args.iterations,
-                desc="dip",
-                unit="it",
-                unit_scale=clean.shape[0] * args.iterations >= 10_000,
-                dynamic_ncols=True,
-            )
+        bar = iteration_bar(clean.shape[0] * args.iterations, "dip") if progress else None
         images, seconds = dip_restore(
             y,
             operator,
@@ -142,7 +139,7 @@ def run(args) -> dict:
     }
     settings["images"] = len(names)
     if args.task == "inpaint" and not (args.mask or args.random_boxes or args.random_pixels):
-        settings["box"] = 0.5 if args.box is None else args.box  # the default hole
+        settings["box"] = DEFAULT_BOX if args.box is None else args.box
     if args.task != "superres":
         settings["factor"] = None
     return write_report(

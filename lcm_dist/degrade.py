@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from lcm_dist.loss import lcm_loss
 
 LUMA = (0.299, 0.587, 0.114)
+DEFAULT_BOX = 0.5
+"""The inpainting hole when none is given: a centred square of half the side."""
 TASKS = ("inpaint", "superres", "colorize")
 
 
@@ -242,7 +244,7 @@ def make_operator(
         elif random_pixels:
             known = random_pixels_mask(batch, size, random_pixels, seed=seed)
         else:
-            known = box_mask(size, 0.5 if box is None else box)
+            known = box_mask(size, DEFAULT_BOX if box is None else box)
         where = f"the mask {mask}" if mask is not None else "the inpainting mask"
         per_image = known.flatten(1)
         if (per_image > 0.5).all(1).any():

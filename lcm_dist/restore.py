@@ -27,9 +27,9 @@ TASK_DEFAULTS = {"inpaint": ("sgd", 0.5), "superres": ("adam", 0.01), "colorize"
 """Optimizer and learning rate on phi per task, chosen on validation crops that are not the
 README's test crops. Inpainting fits with plain SGD (the update rule phi gets in training):
 Adam moves phi's normalization parameters 10-50x further than SGD (and 100-1000x further than
-training did), and the generator fills the hole with texture it never produced in training (hole PSNR 16.8 dB
-with Adam at 0.01, 20.0 dB with SGD at 0.5). For super-resolution Adam at 0.01 is as good as
-SGD at 0.25 and SGD at 1.0 is 2 dB worse."""
+training did), and the generator fills the hole with texture it never produced in training
+(hole PSNR 16.8 dB with Adam at 0.01, 20.0 dB with SGD at 0.5). For super-resolution Adam at
+0.01 is as good as SGD at 0.25 and SGD at 1.0 is 2 dB worse."""
 OPTIMIZER_LR = {"sgd": 0.25, "adam": 0.01}
 """Learning rate for an optimizer that is not the task's default."""
 
@@ -261,6 +261,13 @@ def fit_phi(
         return model.render(phi).clamp(0, 1), phi.detach()
 
 
+def iteration_bar(total: int, desc: str):
+    """A progress bar over ``total`` image-iterations (1.2M it for big jobs, 50 it for small)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", unit_scale=total >= 10_000, dynamic_ncols=True)
+
+
 def restore(
     model: RestorationModel,
     observed: torch.Tensor,
@@ -274,17 +281,7 @@ def restore(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Restore many observations in batches of ``batch_size`` (``operator`` covers them all;
     per-image masks are sliced along). Returns (images, phi, seconds)."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=observed.shape[0] * iterations,
-            desc="restore",
-            unit="it",
-            unit_scale=observed.shape[0] * iterations >= 10_000,
-            dynamic_ncols=True,
-        )
+    bar = iteration_bar(observed.shape[0] * iterations, "restore") if progress else None
     start = time.perf_counter()
     images, phis = [], []
     for lo in range(0, observed.shape[0], batch_size):
