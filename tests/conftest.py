@@ -59,11 +59,11 @@ def subprocess_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
-def run_script(*args: str, env: dict | None = None, timeout: int = 600):
-    """Run ``python <args>`` from the repository root, capturing its output."""
+def run_script(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path = REPO):
+    """Run ``python <args>`` from ``cwd`` (the repository root), capturing its output."""
     return subprocess.run(
         [PYTHON, *args],
-        cwd=REPO,
+        cwd=cwd,
         env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,

@@ -213,14 +213,7 @@ def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_sh
     cfg["run_dir"] = "runs/r"
     cfg["data"]["shards"] = "data/shards"
     (project / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run(
-        [PYTHON, str(REPO / "launch" / "train.py"), "--config", "config.json"],
-        cwd=project,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _run(str(REPO / "launch" / "train.py"), "--config", "config.json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (project / "runs" / "r" / "latents.zarr").is_dir()
     attrs = export_run(project / "runs" / "r", str(tmp_path / "out.zarr"), progress=False)

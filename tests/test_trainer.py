@@ -23,14 +23,7 @@ def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
     cfg_path = run_config(
         tmp_path, demo_shards, train={"max_steps": 16, "inner_steps": 4}, log={"every_steps": 4}
     )
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script("launch/train.py", "--config", str(cfg_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     resolved = json.loads((run / "config.json").read_text())
