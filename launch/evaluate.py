@@ -62,7 +62,7 @@ def run(args) -> dict:
         iteration_bar,
         load_model,
         operator_from_args,
-        restore,
+        restore_from_args,
     )
 
     baselines = [b for b in args.baselines.split(",") if b]
@@ -83,16 +83,7 @@ def run(args) -> dict:
     y = operator(clean)
     progress = not args.quiet
     results = {}
-    images, _, seconds = restore(
-        model,
-        y,
-        operator,
-        iterations=args.iterations,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        progress=progress,
-    )
+    images, _, seconds = restore_from_args(model, y, operator, args)
     results["lcm"] = {"images": images, "iterations": args.iterations, "seconds": seconds}
     if "dip" in baselines:
         bar = iteration_bar(clean.shape[0] * args.iterations, "dip") if progress else None

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             fit_settings,
             load_model,
             operator_from_args,
-            restore,
+            restore_from_args,
             save_latents,
             to_png_bytes,
         )
@@ -122,16 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         operator = operator_from_args(args, size, count)
         y, files = _observations(args.images, operator, size, args.task)
         names = _output_names(files, args.out)
-        images, phi, seconds = restore(
-            model,
-            y,
-            operator,
-            iterations=args.iterations,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-        )
+        images, phi, seconds = restore_from_args(model, y, operator, args)
         if args.task == "inpaint" and not args.raw:
             images = operator.paste(y, images)
         for name, image in zip(names, images, strict=True):

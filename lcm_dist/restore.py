@@ -310,6 +310,20 @@ def restore(
     return torch.cat(images), torch.cat(phis), time.perf_counter() - start
 
 
+def restore_from_args(model: RestorationModel, observed: torch.Tensor, operator: Degradation, args):
+    """``restore`` with the fit options of ``add_fit_arguments`` (and the CLIs' ``--quiet``)."""
+    return restore(
+        model,
+        observed,
+        operator,
+        iterations=args.iterations,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+
+
 def save_latents(path: str, phi: torch.Tensor, names: list[str], attrs: dict) -> None:
     """Fitted phi rows as a Zarr v3 group (array ``latents``, names in the attributes)."""
     import zarr
