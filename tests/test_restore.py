@@ -222,16 +222,18 @@ def _save(images, folder):
         Image.fromarray(arr.squeeze()).save(folder / f"img{i}.png")
 
 
+def _restore(export, task, *args):
+    """launch/restore.py on ``export`` for ``task`` with further arguments."""
+    return _run("launch/restore.py", "--model", str(export), "--task", task, *args)
+
+
 def test_restore_cli(tmp_path, trained_export):
     from lcm_dist.restore import load_model
 
     torch.manual_seed(0)
     _save(torch.rand(3, 3, 32, 32), tmp_path / "in")
-    proc = _run(
-        "launch/restore.py",
-        "--model",
-        str(trained_export),
-        "--task",
+    proc = _restore(
+        trained_export,
         "inpaint",
         str(tmp_path / "in"),
         "--out",
@@ -255,11 +257,8 @@ def test_restore_cli(tmp_path, trained_export):
     restored = np.asarray(Image.open(tmp_path / "out" / "img0.png"), dtype=np.int16)
     assert np.abs(restored - given)[known].max() <= 1
     assert np.abs(restored - given)[~known].mean() > 10
-    proc = _run(
-        "launch/restore.py",
-        "--model",
-        str(trained_export),
-        "--task",
+    proc = _restore(
+        trained_export,
         "inpaint",
         str(tmp_path / "in" / "img0.png"),
         "--out",
@@ -278,11 +277,8 @@ def test_restore_cli(tmp_path, trained_export):
 
     # Super-resolution takes images of the model's size / factor.
     _save(torch.rand(2, 3, 8, 8), tmp_path / "small")
-    proc = _run(
-        "launch/restore.py",
-        "--model",
-        str(trained_export),
-        "--task",
+    proc = _restore(
+        trained_export,
         "superres",
         str(tmp_path / "small"),
         "--factor",
@@ -297,11 +293,8 @@ def test_restore_cli(tmp_path, trained_export):
     assert Image.open(tmp_path / "sr" / "img0.png").size == (32, 32)
 
     # Wrong sizes are clear errors.
-    proc = _run(
-        "launch/restore.py",
-        "--model",
-        str(trained_export),
-        "--task",
+    proc = _restore(
+        trained_export,
         "colorize",
         str(tmp_path / "small"),
         "--out",
@@ -311,11 +304,8 @@ def test_restore_cli(tmp_path, trained_export):
     assert proc.returncode == 2
     assert "img0.png is 8x8 but this model restores 32x32 images" in proc.stderr
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "mask.png")
-    proc = _run(
-        "launch/restore.py",
-        "--model",
-        str(trained_export),
-        "--task",
+    proc = _restore(
+        trained_export,
         "inpaint",
         str(tmp_path / "in"),
         "--mask",
