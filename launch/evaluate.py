@@ -58,23 +58,18 @@ def run(args) -> dict:
     from lcm_dist.degrade import DEFAULT_BOX
     from lcm_dist.evaluate import load_images, score, write_report
     from lcm_dist.restore import (
-        fit_settings,
         iteration_bar,
         load_model,
         operator_from_args,
         restore_from_args,
+        settle_fit_arguments,
     )
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
-    if args.iterations < 1 or args.batch_size < 1:
-        raise ValueError(
-            f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
-            f"{args.batch_size}"
-        )
-    args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
+    settle_fit_arguments(args)
     model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
     clean, names = load_images(args.images, size)

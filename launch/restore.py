@@ -86,24 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lcm_dist.config import parse_options
         from lcm_dist.restore import (
-            fit_settings,
             load_model,
             operator_from_args,
             restore_from_args,
             save_latents,
+            settle_fit_arguments,
             to_png_bytes,
         )
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
-        if args.iterations < 1 or args.batch_size < 1:
-            raise ValueError(
-                f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
-                f"{args.batch_size}"
-            )
-        if restoring:
-            args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
+        settle_fit_arguments(args, restoring)
         model = load_model(args.model, parse_options(args.model_options, "--model-options"))
         os.makedirs(args.out, exist_ok=True)
         if args.reconstruct:

@@ -209,6 +209,18 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
 
 
+def settle_fit_arguments(args, restoring: bool = True) -> None:
+    """Check the ``add_fit_arguments`` options and, when restoring, fill in the task's default
+    optimizer and learning rate (``fit_settings``) in ``args``."""
+    if args.iterations < 1 or args.batch_size < 1:
+        raise ValueError(
+            f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
+            f"{args.batch_size}"
+        )
+    if restoring:
+        args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
+
+
 def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
     """The degradation of ``count`` images of ``size`` pixels that the options of
     ``add_fit_arguments`` describe (``extra``: further ``make_operator`` arguments)."""
