@@ -181,6 +181,13 @@ def test_open_export_refuses_incomplete_and_foreign(tmp_path, trained_run):
     with pytest.raises(ExportError, match="no export at"):
         open_export(str(tmp_path / "missing.zarr"))
 
+    # Writing where no folder can be made names the place and the system's reason, nothing more.
+    (tmp_path / "a-file").write_text("")
+    bad = tmp_path / "a-file" / "model.zarr"
+    with pytest.raises(ExportError) as err:
+        export_run(trained_run, str(bad), progress=False)
+    assert str(err.value) == f"cannot create the export at {bad}: not a directory"
+
 
 def test_export_errors(tmp_path, demo_shards):
     proc = _run("launch/export.py", "--run", str(tmp_path / "nothing"), "--out", "x.zarr")
