@@ -77,14 +77,26 @@ class WriteBackCache:
 
     # Epochs.
 
-    def begin_epoch(self, chunk_order: list[int]) -> None:
-        """The chunks this rank will need this epoch, in the order it will need them."""
+    def begin_epoch(self, chunk_order: list[int], done_rows=None) -> None:
+        """The chunks this rank will need this epoch, in the order it will need them.
+        ``done_rows``: rows this epoch already trained on before a resume; chunks they fill
+        completely are not read again, the others are written back once their remaining
+        rows are."""
         with self._cond:
             self._order = list(chunk_order)
             self._pos = {c: i for i, c in enumerate(self._order)}
             self._next, self._cursor = 0, -1
             self._seen.clear()
             self._done.clear()
+            if done_rows is not None and len(done_rows):
+                rows = np.asarray(torch.as_tensor(done_rows).cpu(), dtype=np.int64).reshape(-1)
+                self._check_rows(rows)
+                for chunk in np.unique(rows // self.rows_per_chunk).tolist():
+                    lo, hi = self.store.chunk_bounds(chunk)
+                    seen = self._seen.setdefault(chunk, np.zeros(hi - lo, dtype=bool))
+                    seen[rows[(rows >= lo) & (rows < hi)] - lo] = True
+                    if seen.all():
+                        self._done.add(chunk)
         self._prefetch()
 
     def end_epoch(self) -> None:

@@ -46,6 +46,10 @@ class Batch:
     rows: torch.Tensor  # (B,) int64 global row indices
     epoch: int
     step_in_epoch: int  # 0-based index of this batch within its epoch
+    skipped_rows: torch.Tensor | None = None
+    """On the first batch of a resumed epoch: the rows of the batches skipped before it (the
+    ones the interrupted run already trained on this epoch), so the latent cache need not read
+    their chunks again."""
 
 
 @dataclass
@@ -285,6 +289,7 @@ class ShardLoader:
                 prefetch_factor=4 if self.num_workers else None,
             )
         )
+        skipped: list[int] = []
         for index, size in enumerate(sizes):
             rows, images = [], []
             for _ in range(size):
@@ -298,8 +303,11 @@ class ShardLoader:
                 if index >= skip:
                     rows.append(item[0])
                     images.append(item[1])
+                else:
+                    skipped.append(item[0])
             if index >= skip:
-                yield Batch(torch.stack(images), torch.tensor(rows), epoch, index)
+                done = torch.tensor(skipped, dtype=torch.int64) if index == skip and skip else None
+                yield Batch(torch.stack(images), torch.tensor(rows), epoch, index, done)
         leftover = next(items, None)
         if isinstance(leftover, _Failure):
             raise ShardDecodeError(leftover.message)

@@ -47,7 +47,7 @@ class InMemoryLatentTable:
 
     # The rest of the WriteBackCache interface: nothing to page, write back or exchange.
 
-    def begin_epoch(self, chunk_order: list[int]) -> None:
+    def begin_epoch(self, chunk_order: list[int], done_rows=None) -> None:
         pass
 
     def end_epoch(self) -> None:

@@ -316,7 +316,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 _share_latent_slots(latents)
                 epoch_io.append(latents.stats())
             epoch = batch.epoch
-            latents.begin_epoch(_chunk_order(cfg, loader, latents, epoch))
+            latents.begin_epoch(_chunk_order(cfg, loader, latents, epoch), batch.skipped_rows)
 
         # Joint SGD on phi (local) and theta (DeepSpeed) for this batch.
         phi = latents.read_rows(rows).to(device).requires_grad_(True)

@@ -128,6 +128,27 @@ def test_prefetch_reads_ahead_and_returns_the_right_rows(tmp_path):
     torch.testing.assert_close(cache.read_rows(torch.tensor([5])), torch.full((1, P), 2.0))
 
 
+def test_rows_done_before_a_resume_are_not_read_again(tmp_path):
+    store = new_store(str(tmp_path / "s.zarr"), rows=16)
+    for chunk in range(4):
+        store.write_chunk(chunk, np.full((4, P), chunk, dtype=np.float32))
+    store.commit()
+    cache = WriteBackCache(store, 1 << 20, 1, 64)
+    # The interrupted epoch had finished chunk 2 and half of chunk 0.
+    cache.begin_epoch([2, 0, 3, 1], done_rows=torch.tensor([9, 8, 11, 10, 0, 1]))
+    cache.flush()
+    assert sorted(cache._entries) == [0, 1, 3]
+    assert store.counters.chunk_reads == 3
+    # Chunk 0 is complete once its two remaining rows come back: written and let go.
+    writes = store.counters.chunk_writes
+    cache.write_rows(torch.tensor([2, 3]), cache.read_rows(torch.tensor([2, 3])) + 1)
+    cache.flush()
+    assert store.counters.chunk_writes == writes + 1 and 0 not in cache._entries
+    assert store.read_chunk(0)[:, 0].tolist() == [0, 0, 1, 1]
+    with pytest.raises(IndexError, match="row 16 is outside the latent store's 16 rows"):
+        cache.begin_epoch([0], done_rows=torch.tensor([16]))
+
+
 def test_background_write_failure_is_reported(tmp_path, monkeypatch):
     store = new_store(str(tmp_path / "s.zarr"), rows=8)
     cache = WriteBackCache(store, 1 << 20, 1, 0)

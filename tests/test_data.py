@@ -90,7 +90,14 @@ def test_same_seed_same_order_and_start_step_skips(shards):
         shards, batch_size=4, rank=1, world_size=2, seed=7, shuffle_buffer=6, start_batch=steps - 2
     )
     stream = iter(resumed)
-    assert [next(stream).rows.tolist() for _ in range(5)] == reference[steps - 2 :]
+    batches = [next(stream) for _ in range(5)]
+    assert [b.rows.tolist() for b in batches] == reference[steps - 2 :]
+    # The first batch after the skip names the rows the skipped batches held (for the cache),
+    # the rest name none.
+    skipped = sorted(r for rows in reference[: steps - 2] for r in rows)
+    assert sorted(batches[0].skipped_rows.tolist()) == skipped
+    assert all(b.skipped_rows is None for b in batches[1:])
+    assert next(iter(full)).skipped_rows is None
 
 
 def test_batch_sizes_split_evenly():
