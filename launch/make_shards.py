@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="N",
         help="instead of one centre crop per image, take N random square crops in all, from "
-        "each image in turn at scales from 1.5x --image-size to half its shorter side",
+        "each image in turn at scales from 1.5x --image-size to half its shorter side; "
+        "crop i of photo P gets the key 'P#crop<i>@<top>,<left>,<side>'",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-crops (%(default)s)")
     parser.add_argument(

@@ -65,7 +65,7 @@ def random_crops(
         left = int(rng.integers(0, w - side + 1))
         crop = Image.fromarray(arr[top : top + side, left : left + side])
         yield (
-            f"{name}.png#crop{i}@{top},{left},{side}",
+            f"{name}#crop{i}@{top},{left},{side}",
             crop.resize((image_size, image_size), Image.Resampling.LANCZOS),
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import tarfile
 
@@ -139,7 +140,8 @@ def test_make_shards_random_crops_with_held_out_photos(tmp_path):
     assert done.returncode == 0, done.stderr
     assert load_manifest(tmp_path / "s")["num_samples"] == 9
     keys = load_keys(tmp_path / "s")
-    assert all("train-" in k for k in keys) and len({k.split("#")[0] for k in keys}) == 3
+    assert {k.split("#")[0] for k in keys} == {str(src / f"train-{i}.png") for i in range(3)}
+    assert all(re.fullmatch(r".*train-\d\.png#crop\d@\d+,\d+,\d+", k) for k in keys), keys
     done = subprocess.run(
         [PYTHON, script, str(src / "test-3.png"), "--png", "--out", str(tmp_path / "png"), *common],
         env=subprocess_env(),
