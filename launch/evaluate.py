@@ -7,8 +7,9 @@
 Clean images of any size are centre-cropped and resized to the model's resolution. Methods:
 ``lcm`` (a fresh phi per image, the generator frozen), ``dip`` (Deep Image Prior: a per-image
 hourglass fitted with Adam from noise) and ``naive`` (biharmonic or mean fill, bicubic
-upsampling, luminance only). The LCM and DIP get the same number of iterations. Writes
-report.json (PSNR and SSIM per image and mean; over the hole too for inpainting), grid.png
+upsampling, luminance only). The LCM and DIP get the same number of iterations. Inpainted
+images are scored as launch/restore.py writes them, with the observed pixels put back (--raw:
+each method's whole output). Writes report.json (PSNR and SSIM per image and mean; over the hole too for inpainting), grid.png
 (a row per image; columns: clean, degraded, then each method) and TensorBoard events under DIR/tb.
 """
 
@@ -105,6 +106,9 @@ def run(args) -> dict:
             "seconds": time.perf_counter() - start,
         }
     for r in results.values():
+        if args.task == "inpaint" and not args.raw:
+            # Scored as restore.py writes them: the observed pixels put back, only holes filled.
+            r["images"] = operator.paste(y, r["images"])
         r["metrics"] = score(clean, r["images"], operator)
     settings = {
         k: getattr(args, k)
@@ -120,6 +124,7 @@ def run(args) -> dict:
             "random_pixels",
             "mask",
             "fill",
+            "raw",
             "seed",
         )
     }
@@ -128,6 +133,8 @@ def run(args) -> dict:
         settings["box"] = DEFAULT_BOX if args.box is None else args.box
     if args.task != "superres":
         settings["factor"] = None
+    if args.task != "inpaint":
+        settings["raw"] = None
     return write_report(
         args.out,
         task=args.task,

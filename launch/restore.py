@@ -76,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
-    parser.add_argument(
-        "--raw",
-        action="store_true",
-        help="inpainting: save the generator's whole output (default: observed pixels kept)",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

@@ -207,6 +207,11 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
         help="learning rate on phi (default: sgd 0.5 for inpaint, 0.25 otherwise; adam 0.01)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="inpainting: keep the method's whole output (default: observed pixels put back)",
+    )
 
 
 def settle_fit_arguments(args, restoring: bool = True) -> None:

@@ -391,6 +391,13 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
     assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("sgd", 0.5)
     assert report["settings"]["box"] == 0.5 and report["settings"]["factor"] is None
     assert len(report["images"]) == 2 and "lcm" in report["images"][0]
+    # Scored with the observed pixels put back (as restore.py writes them): the whole image's
+    # error is the hole's, spread over 4 times the pixels (a 16x16 hole in 32x32).
+    assert report["settings"]["raw"] is False
+    for image in report["images"]:
+        for method in ("lcm", "dip", "naive"):
+            m = image[method]
+            assert m["psnr"] == pytest.approx(m["psnr_hole"] + 10 * np.log10(4), abs=1e-3)
     grid = Image.open(tmp_path / "ev" / "grid.png")
     assert grid.size[0] > grid.size[1]  # 5 columns, 2 rows
     assert list((tmp_path / "ev" / "tb").glob("events.*"))
