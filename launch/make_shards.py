@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the images as NNNNNN.png files instead of shards (e.g. an evaluation set)",
     )
-    parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png")
+    parser.add_argument(
+        "--format",
+        choices=sorted(IMAGE_FORMATS),
+        default=None,
+        help="encoding of the images inside the shards (default png: lossless; jpg is smaller)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
     parser.add_argument("--verify", action="store_true", help="check a finished set's checksums")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.out:
             parser.error("--out is required")
+        if args.png and args.format:
+            parser.error("--format is for shards; --png always writes PNG files")
         files = [
             path
             for path in collect_sources(args.sources)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.image_size,
             args.samples_per_shard,
-            image_format=args.format,
+            image_format=args.format or "png",
             progress=not args.quiet,
             overwrite=args.overwrite,
         )

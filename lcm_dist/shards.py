@@ -151,8 +151,8 @@ def write_shards(
         )
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
-        raise ValueError(f"{out} already holds a shard set (manifest.json); pass overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"{out} already holds a shard set (manifest.json); pass --overwrite")
+    make_folder(out, "shard folder")
     if overwrite:
         for old in list(out.glob("shard-*.tar")) + [out / MANIFEST, out / KEYS]:
             old.unlink(missing_ok=True)
@@ -169,28 +169,39 @@ def write_shards(
     tar = None
     tmp_path = None
     start = time.perf_counter()
-    with open(keys_tmp, "w", encoding="utf-8") as keys_file:
-        for key, image in samples:
-            if isinstance(image, (str, os.PathLike)):
-                image = load_image(str(image))
-            if tar is None:
-                tmp_path = out / (shard_name(len(shards)) + ".tmp")
-                tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
-                shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
-            try:
-                image = prepare_image(image, image_size)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot convert image {key}: {err}") from None
-            keys_file.write(add_sample(tar, row, key, image, image_format) + "\n")
-            shards[-1]["count"] += 1
-            row += 1
-            if bar is not None:
-                bar.update(1)
-            if shards[-1]["count"] == samples_per_shard:
+    try:
+        with open(keys_tmp, "w", encoding="utf-8") as keys_file:
+            for key, image in samples:
+                if isinstance(image, (str, os.PathLike)):
+                    image = load_image(str(image))
+                if tar is None:
+                    tmp_path = out / (shard_name(len(shards)) + ".tmp")
+                    tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
+                    shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
+                try:
+                    image = prepare_image(image, image_size)
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"cannot convert image {key}: {err}") from None
+                keys_file.write(add_sample(tar, row, key, image, image_format) + "\n")
+                shards[-1]["count"] += 1
+                row += 1
+                if bar is not None:
+                    bar.update(1)
+                if shards[-1]["count"] == samples_per_shard:
+                    _finish_shard(tar, tmp_path, shards[-1])
+                    tar = None
+            if tar is not None:
                 _finish_shard(tar, tmp_path, shards[-1])
-                tar = None
+    except BaseException:
+        # A source that cannot be read stops the set: leave none of its files behind.
         if tar is not None:
-            _finish_shard(tar, tmp_path, shards[-1])
+            tar.close()
+        keys_tmp.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        for entry in shards:
+            (out / entry["name"]).unlink(missing_ok=True)
+        raise
     if bar is not None:
         bar.close()
     if row == 0:
@@ -220,6 +231,21 @@ def write_shards(
     return manifest
 
 
+def make_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the output folder ``path`` (and its parents); a one-line ValueError naming it
+    (``what``: e.g. "output folder") when that is impossible."""
+    from lcm_dist.latent_store import _reason
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the {what} {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the {what} {out}: {_reason(err)}") from None
+    return out
+
+
 def write_pngs(
     samples: Iterable[tuple[str, Image.Image | str]],
     out_dir: str | os.PathLike,
@@ -229,9 +255,9 @@ def write_pngs(
     """Write ``samples`` as ``NNNNNN.png`` files (centre-cropped, resized) and ``keys.txt``;
     returns how many."""
     out = Path(out_dir)
-    if out.exists() and any(out.glob("*.png")) and not overwrite:
-        raise ValueError(f"{out} already holds PNG files; pass overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.glob("*.png")) and not overwrite:
+        raise ValueError(f"{out} already holds PNG files; pass --overwrite")
+    make_folder(out, "image folder")
     keys = []
     for i, (key, image) in enumerate(samples):
         if isinstance(image, str):

@@ -18,6 +18,7 @@ from lcm_dist.shards import (
     load_manifest,
     prepare_image,
     verify_shards,
+    write_pngs,
     write_shards,
 )
 from tests.conftest import PYTHON, REPO, subprocess_env
@@ -100,9 +101,20 @@ def test_collect_sources_order_and_errors(tmp_path):
 def test_undecodable_source_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    good = list(_images(3, size=8))
     with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
-        write_shards([("broken", str(bad))], tmp_path / "out", 8, 2, progress=False)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+        write_shards([*good, ("broken", str(bad))], tmp_path / "out", 8, 2, progress=False)
+    # Nothing of the stopped set is left: no manifest, no finished shard, no temporary file.
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_output_folder_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    samples = list(_images(2, size=8))
+    with pytest.raises(ValueError, match=r"the shard folder .*a-file is a file, not a folder"):
+        write_shards(samples, tmp_path / "a-file", 8, 2, progress=False)
+    with pytest.raises(ValueError, match=r"cannot create the image folder .*a-file/x: not a dir"):
+        write_pngs(samples, tmp_path / "a-file" / "x", 8)
 
 
 def test_make_shards_cli(tmp_path):
