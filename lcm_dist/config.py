@@ -306,7 +306,7 @@ def _apply_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``section.key=value`` into a key path and a JSON value (bare words are strings)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value")
+        raise ValueError(f"override {text!r} must look like section.key=value (or run_dir=value)")
     key, value_text = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
@@ -429,6 +429,20 @@ def validate(cfg: RunConfig) -> None:
             "config key 'deepspeed.optimizer' is missing; the generator's optimizer is set there, "
             'e.g. {"type": "SGD", "params": {"lr": 1.0}}'
         )
+    opt = ds["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        raise ValueError(
+            "config key 'deepspeed.optimizer' must name the optimizer's type, "
+            'e.g. {"type": "SGD", "params": {"lr": 1.0}}'
+        )
+    unknown = sorted(set(opt) - {"type", "params", "legacy_fusion"})
+    if unknown:
+        raise ValueError(
+            f"unknown config key 'deepspeed.optimizer.{unknown[0]}'; valid keys here are: "
+            "legacy_fusion, params, type"
+        )
+    if not isinstance(opt.get("params", {}), dict):
+        raise ValueError("config key 'deepspeed.optimizer.params' must be an object")
     micro = ds.get("train_micro_batch_size_per_gpu")
     if micro is not None and micro != d.batch_size:
         raise ValueError(
@@ -485,8 +499,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
     raw = parse_json_text(text, str(path))
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, str(path))
+    overrides = overrides or []
+    try:
+        return config_from_dict(apply_overrides(raw, overrides), str(path))
+    except ValueError:
+        if not overrides:
+            raise
+        config_from_dict(raw, str(path))  # a fault of the file itself is reported as such
+        # The file is fine: blame the first --set after which the config no longer is.
+        for i, text in enumerate(overrides):
+            config_from_dict(apply_overrides(raw, overrides[: i + 1]), f"--set {text}")
+        raise
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

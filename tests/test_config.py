@@ -61,6 +61,15 @@ def test_paper_preset(tmp_path):
         ),
         ({"log": {"progress": 1}}, "'log.progress' must be true or false"),
         ({"deepspeed": {}}, "'deepspeed.optimizer' is missing"),
+        ({"deepspeed": {"optimizer": {"typ": "SGD"}}}, "'deepspeed.optimizer' must name"),
+        (
+            {"deepspeed": {"optimizer": {"type": "SGD", "param": {"lr": 1}}}},
+            "unknown config key 'deepspeed.optimizer.param'",
+        ),
+        (
+            {"deepspeed": {"optimizer": {"type": "SGD", "params": 0.1}}},
+            "'deepspeed.optimizer.params' must be an object",
+        ),
         (
             {"deepspeed": {**BASE["deepspeed"], "train_micro_batch_size_per_gpu": 3}},
             "differs from 'data.batch_size'",
@@ -106,6 +115,13 @@ def test_overrides_use_the_typed_loader(tmp_path):
         load_config(path, ["train.max_steps=many"])
     with pytest.raises(ValueError, match="section.key=value"):
         apply_overrides(BASE, ["train.max_steps"])
+    # A bad value from the command line is blamed on its --set, a bad file on the file.
+    with pytest.raises(ValueError, match=r"^--set data.batch_size=0: .*must be positive"):
+        load_config(path, ["train.lr_phi=0.5", "data.batch_size=0", "train.seed=1"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**BASE, "data": {**BASE["data"], "batch_size": 0}}))
+    with pytest.raises(ValueError, match=rf"^{bad}: .*must be positive"):
+        load_config(bad, ["train.lr_phi=0.5"])
 
 
 def test_resolved_config_round_trips(tmp_path):
