@@ -276,8 +276,11 @@ class LatentStore:
     def exists(cls, url: str, storage_options: dict | None = None) -> bool:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        return fs.exists(path.rstrip("/") + "/zarr.json")
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            return fs.exists(path.rstrip("/") + "/zarr.json")
+        except Exception as err:  # e.g. no fsspec backend installed for the URL's protocol
+            raise ValueError(f"cannot reach the latent store at {url}: {_reason(err)}") from None
 
     # Chunks.
 
