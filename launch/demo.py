@@ -9,6 +9,7 @@ Afterwards: tensorboard --logdir runs/demo/tb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lcm_dist.cache import StoreIOError
@@ -25,24 +26,40 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default="configs/demo.json", help="run config (default: %(default)s)"
     )
     parser.add_argument(
-        "--images", type=int, default=256, help="demo crops to make (default: %(default)s)"
+        "--images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="how many demo crops to make (default: %(default)s)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.max_steps=100 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        print(
-            f"demo: making {args.images} crops of scikit-image photos in {cfg.data.shards}",
-            flush=True,
-        )
+        made = os.path.exists(os.path.join(cfg.data.shards, "manifest.json"))
+        verb = "using the" if made else "making"
+        print(f"demo: {verb} {args.images} crops of scikit-image photos in {cfg.data.shards}")
         make_demo_shards(cfg.data.shards, args.images, cfg.model.image_size, samples_per_shard=64)
         result = train(cfg)
     except (ValueError, NonFiniteLossError, StoreIOError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    see = f"see the run with: tensorboard --logdir {cfg.run_dir}/tb"
+    if not result.step_seconds:  # nothing left to train: the run had already finished
+        print(
+            f"demo: the run in {cfg.run_dir} is already finished (delete it to start over); {see}"
+        )
+        return 0
     print(
         f"demo: loss {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} batches; "
-        f"see the run with: tensorboard --logdir {cfg.run_dir}/tb"
+        + see
     )
     return 0
 

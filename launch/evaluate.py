@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     add_fit_arguments(parser, task_required=True)
     parser.add_argument("--images", nargs="+", required=True, help="clean images or folders")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--baselines", default="dip,naive", help="comma list of dip, naive")
+    parser.add_argument(
+        "--baselines", default="dip,naive", help="comma list of dip, naive (%(default)s)"
+    )
     parser.add_argument(
         "--fill",
         choices=["biharmonic", "mean"],
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the naive inpainting fill",
     )
     parser.add_argument("--dip-lr", type=float, default=0.01, help="Adam lr of DIP")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of random masks and DIP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
@@ -65,12 +67,14 @@ def run(args) -> dict:
         restore_from_args,
         settle_fit_arguments,
     )
+    from lcm_dist.shards import make_folder
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
     settle_fit_arguments(args)
+    make_folder(args.out, "output folder")  # before the fits, not after
     model = load_model(args.model, parse_options(args.model_options, "--model-options"))
     size = model.image_size
     clean, names = load_images(args.images, size)

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_fit_arguments(parser, task_required=False)
     parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
-    parser.add_argument("--reconstruct", nargs="+", metavar="ROW_OR_KEY", default=[])
+    parser.add_argument(
+        "--reconstruct",
+        nargs="+",
+        metavar="ROW_OR_KEY",
+        default=[],
+        help="render training images from the export, by row number or key (keys.txt of the "
+        "shards); written as rowNNNNNNNN.png",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
@@ -88,19 +95,23 @@ def main(argv: list[str] | None = None) -> int:
             settle_fit_arguments,
             to_png_bytes,
         )
+        from lcm_dist.shards import make_folder
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
         settle_fit_arguments(args, restoring)
         model = load_model(args.model, parse_options(args.model_options, "--model-options"))
-        os.makedirs(args.out, exist_ok=True)
+        make_folder(args.out, "output folder")
         if args.reconstruct:
             rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))
+            keys = model.group["keys"]
             for row, image in zip(rows, model.reconstruct(rows), strict=True):
                 path = os.path.join(args.out, f"row{row:08d}.png")
                 with open(path, "wb") as f:
                     f.write(to_png_bytes(image))
+                if not args.quiet:
+                    print(f"row {row} ({keys[row]}) -> {path}")
             print(f"reconstructed {len(rows)} training image(s) into {args.out}")
             if not restoring:
                 return 0

@@ -184,17 +184,29 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
 
     parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
     parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
-    parser.add_argument("--task", required=task_required, choices=TASKS)
+    parser.add_argument(
+        "--task", required=task_required, choices=TASKS, help="the degradation to undo"
+    )
     parser.add_argument("--mask", help="inpainting mask file (white = hole)")
     parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
-    parser.add_argument("--random-boxes", type=int, default=0, metavar="N")
-    parser.add_argument("--random-pixels", type=float, default=0.0, metavar="F")
-    parser.add_argument("--factor", type=int, default=4, help="super-resolution factor 2, 4, 8")
+    parser.add_argument(
+        "--random-boxes", type=int, default=0, metavar="N", help="N random rectangular holes"
+    )
+    parser.add_argument(
+        "--random-pixels",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="a fraction F of pixels missing",
+    )
+    parser.add_argument(
+        "--factor", type=int, default=4, help="super-resolution factor 2, 4 or 8 (%(default)s)"
+    )
     parser.add_argument(
         "--iterations",
         type=int,
         default=DEFAULT_ITERATIONS,
-        help="iterations of the phi fit, and of DIP in evaluate.py (%(default)s)",
+        help="iterations of the phi fit (and of DIP, in evaluate.py) (%(default)s)",
     )
     parser.add_argument(
         "--optimizer",
@@ -206,11 +218,13 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
         type=float,
         help="learning rate on phi (default: sgd 0.5 for inpaint, 0.25 otherwise; adam 0.01)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images fitted at once")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images fitted at once (%(default)s)"
+    )
     parser.add_argument(
         "--raw",
         action="store_true",
-        help="inpainting: keep the method's whole output (default: observed pixels put back)",
+        help="inpainting: keep the whole generated image (default: observed pixels put back)",
     )
 
 
@@ -308,7 +322,7 @@ def restore(
         def tick(it, losses, n=n):
             if bar is not None:
                 bar.update(n)
-                if it % 20 == 0:
+                if it % 20 == 0 or it == iterations - 1:  # the bar ends on the final loss
                     bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
 
         x, phi = fit_phi(

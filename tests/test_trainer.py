@@ -182,3 +182,28 @@ def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_
     assert len(acc.Scalars("restoration/inpainting_psnr_hole")) == 2
     for key, value in weights["plain"].items():
         assert torch.equal(value, weights["preview"][key]), f"the preview changed {key}"
+
+
+def test_demo_trains_then_says_it_has_finished(tmp_path):
+    args = [
+        "launch/demo.py",
+        "--images",
+        "16",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+        "--set",
+        f"data.shards={tmp_path / 'shards'}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "log.progress=false",
+    ]
+    first = run_script(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "demo: making 16 crops" in first.stdout
+    assert "demo: loss " in first.stdout and "over 2 batches" in first.stdout
+    again = run_script(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "demo: using the 16 crops" in again.stdout
+    assert f"demo: the run in {tmp_path / 'run'} is already finished" in again.stdout
+    assert "nan" not in again.stdout
