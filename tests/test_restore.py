@@ -525,3 +525,20 @@ def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
         "[1]",
     )
     assert proc.returncode == 2 and "--model-options must be a JSON object" in proc.stderr
+    # An output folder that cannot exist is named before any fitting (evaluate.py too).
+    (tmp_path / "a-file").write_text("")
+    proc = _run(
+        "launch/restore.py", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a-file")
+    )
+    assert proc.returncode == 2
+    assert f"error: the output folder {tmp_path / 'a-file'} is a file, not a folder" in proc.stderr
+    proc = _run(
+        "launch/evaluate.py",
+        *common,
+        "--images",
+        str(tmp_path / "a"),
+        "--out",
+        str(tmp_path / "a-file" / "ev"),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot create the output folder" in proc.stderr and "not a directory" in proc.stderr
