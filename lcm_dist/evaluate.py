@@ -2,7 +2,7 @@
 
 ``evaluate`` writes ``report.json`` (per image and mean PSNR / SSIM per method, over the whole
 image and, for inpainting, over the hole; iterations and seconds per method), ``grid.png``
-(one row per image: clean, degraded, then each method) and the grid to TensorBoard.
+(one row per image: clean, degraded, then each method, labelled, small images enlarged) and the grid to TensorBoard.
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def write_report(
     os.replace(tmp, out / "report.json")
     rows = [clean, observed_view] + [r["images"] for r in results.values()]
     # One grid row per image: clean | degraded | method 1 | method 2 ...
-    grid = image_grid([torch.stack([row[i] for row in rows]) for i in range(clean.shape[0])])
+    grid = labelled_grid(
+        ["clean", "degraded", *results],
+        [torch.stack([row[i] for row in rows]) for i in range(clean.shape[0])],
+    )
     (out / "grid.png").write_bytes(to_png_bytes(grid))
     with SummaryWriter(str(out / "tb")) as writer:
         writer.add_image(f"evaluate/{task}", grid, 0)
@@ -115,6 +118,31 @@ def write_report(
             for k, v in values.items():
                 writer.add_scalar(f"evaluate/{task}/{m}/{k}", v, 0)
     return report
+
+
+GRID_CELL = 128
+"""Smallest side, in pixels, of an image in grid.png (small images are enlarged, nearest)."""
+
+
+def labelled_grid(columns: list[str], rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """``image_grid`` of ``rows`` (each (len(columns), C, H, W)) with every image enlarged to at
+    least GRID_CELL pixels and the column names written above; returns (3, H, W) in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    side = rows[0].shape[-1]
+    scale = max(1, -(-GRID_CELL // side))
+    rows = [torch.nn.functional.interpolate(r.float(), scale_factor=scale) for r in rows]
+    grid = image_grid(rows, pad)
+    if grid.shape[0] == 1:
+        grid = grid.expand(3, -1, -1)
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    header = 16
+    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(pixels), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(columns):
+        draw.text((pad + i * (side * scale + pad) + 2, 2), name, fill="black")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0
 
 
 def format_table(report: dict) -> str:

@@ -399,7 +399,8 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
             m = image[method]
             assert m["psnr"] == pytest.approx(m["psnr_hole"] + 10 * np.log10(4), abs=1e-3)
     grid = Image.open(tmp_path / "ev" / "grid.png")
-    assert grid.size[0] > grid.size[1]  # 5 columns, 2 rows
+    # 5 labelled columns, 2 rows, the 32x32 images enlarged 4x, 2 px apart, a 16 px header.
+    assert grid.size == (5 * 130 + 2, 2 * 130 + 2 + 16)
     assert list((tmp_path / "ev" / "tb").glob("events.*"))
     assert "lcm" in proc.stdout and "dip" in proc.stdout
 
