@@ -214,7 +214,8 @@ class LatentStore:
                 shape=(num_rows, initial.size),
                 chunks=(rows_per_chunk, initial.size),
                 dtype=dtype,
-                fill_value=0,
+                # A written chunk that goes missing reads as NaN (caught), never as a valid phi.
+                fill_value=float("nan"),
                 compressors=_codecs(codec, codec_level),
             )
         init = group.create_array("initial", shape=(initial.size,), dtype="float32")
@@ -304,6 +305,11 @@ class LatentStore:
         if slot < 0:
             return np.broadcast_to(self.initial, (stop - start, self.phi_size)).copy()
         data = np.asarray(self._data[slot][start:stop], dtype=np.float32)
+        if np.isnan(data[:, 0]).any():
+            raise ValueError(
+                f"chunk {chunk} (rows {start}-{stop - 1}) of slot{slot} in latent store "
+                f"{self.url} is missing or damaged; the committed latents cannot be read"
+            )
         with self._lock:
             self.counters.bytes_read += self.chunk_nbytes(chunk)
             self.counters.chunk_reads += 1

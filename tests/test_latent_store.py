@@ -114,3 +114,16 @@ def test_refuses_other_model_small_store_and_bad_urls(tmp_path):
         LatentStore.open("nosuchproto://x")
     with pytest.raises(ValueError, match=r"cannot reach the latent store at nosuchproto://x"):
         LatentStore.exists("nosuchproto://x")
+
+
+def test_a_written_chunk_that_goes_missing_is_an_error_not_zeros(tmp_path):
+    url = str(tmp_path / "latents.zarr")
+    store = make(url)
+    store.write_chunk(0, np.ones((4, 6), np.float32))
+    store.commit()
+    files = list((tmp_path / "latents.zarr" / "slot0").rglob("c/0/*"))  # the first write's slot
+    assert len(files) == 1
+    files[0].unlink()  # lost by a bad copy or a storage fault
+    reopened = LatentStore.open(url, signature=SIG)
+    with pytest.raises(ValueError, match=r"chunk 0 \(rows 0-3\) of slot0 .* is missing or damaged"):
+        reopened.read_chunk(0)
