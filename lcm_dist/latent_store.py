@@ -402,6 +402,30 @@ def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
     return rows
 
 
+def store_codec(store: LatentStore) -> str:
+    """The compression of a store's chunks: none, zstd or blosc."""
+    names = {type(c).__name__ for c in store._data[0].compressors}
+    return "zstd" if "ZstdCodec" in names else "blosc" if "BloscCodec" in names else "none"
+
+
+def _check_store_settings(cfg, store: LatentStore) -> None:
+    """A store keeps the dtype, codec and chunking it was made with: a config that asks for
+    others (e.g. on resume) is an error, not silently ignored."""
+    st = cfg.store
+    have = {"dtype": str(store.dtype), "codec": store_codec(store)}
+    want = {"dtype": st.dtype, "codec": st.codec}
+    if st.rows_per_chunk:
+        have["rows_per_chunk"], want["rows_per_chunk"] = store.rows_per_chunk, st.rows_per_chunk
+    diff = [
+        f"store.{k}: store {have[k]!r} vs config {want[k]!r}" for k in want if have[k] != want[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"latent store {store.url} was made with other settings ({', '.join(diff)}); a store "
+            "keeps the settings it was made with: set them back, or use a new store.url"
+        )
+
+
 def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
     """Open the run's store, creating it first if ``create`` and it does not exist yet.
 
@@ -429,6 +453,7 @@ def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
         store = LatentStore.open(
             url, signature=signature, min_rows=manifest["num_samples"], storage_options=options
         )
+        _check_store_settings(cfg, store)
     if sps % store.rows_per_chunk:
         raise ValueError(
             f"latent store {url} has {store.rows_per_chunk} rows per chunk, which does not "

@@ -176,7 +176,7 @@ def _checkpoint(
         checkpoint.prune(cfg.run_dir, cfg.checkpoint.keep_latest)
 
 
-def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit) -> None:
+def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images: int) -> None:
     ours, theirs = config_to_dict(cfg)["model"], commit.state["model"]
     if ours != theirs:
         diff = ", ".join(
@@ -193,6 +193,13 @@ def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit) -> None:
         raise checkpoint.CheckpointError(
             f"the run in {cfg.run_dir} keeps its latents in {commit.state['store_url']}, but the "
             f"config says {url}; resume with the run's own store settings"
+        )
+    trained_on = commit.state.get("num_images")
+    if trained_on is not None and trained_on != num_images:
+        raise checkpoint.CheckpointError(
+            f"the shards in {cfg.data.shards} hold {num_images} images but the run in "
+            f"{cfg.run_dir} was checkpointed on {trained_on}; resume with the run's own shards, "
+            "or start a new run_dir"
         )
 
 
@@ -218,7 +225,7 @@ def train(cfg: RunConfig) -> TrainResult:
     num_rows = manifest["num_samples"]
     commit = checkpoint.find_latest(cfg.run_dir)
     if commit is not None:
-        _check_commit_matches(cfg, commit)
+        _check_commit_matches(cfg, commit, num_rows)
         if commit.state["step"] >= cfg.train.max_steps:
             if distributed.is_main():
                 print(
@@ -227,6 +234,10 @@ def train(cfg: RunConfig) -> TrainResult:
                     flush=True,
                 )
             return TrainResult(commit.state["step"], math.nan, math.nan, 0.0, [], [])
+    if cfg.log.restore_every_steps:
+        from lcm_dist.shards import collect_sources
+
+        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     latents = open_latents(cfg, manifest, commit)
 
     # Models.
@@ -247,16 +258,21 @@ def train(cfg: RunConfig) -> TrainResult:
         with_optimizer = checkpoint.load_engine(engine, commit, same_world)
         start_step = commit.state["step"] + 1
         start_epoch, start_batch = commit.state["epoch"], commit.state["batch_in_epoch"]
+        restarted = ""
         if same_world and commit.state["num_workers"] == cfg.data.num_workers:
             rng = torch.load(commit.folder / f"rng-rank{rank}.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
         else:
-            # Another world size deals the shards differently: the interrupted epoch restarts.
+            # Another world size or worker count deals the samples differently: the interrupted
+            # epoch restarts.
+            if start_batch:
+                changed = "processes" if not same_world else "data.num_workers"
+                restarted = f", epoch {start_epoch} restarted ({changed} changed)"
             start_batch = 0
         resumed_note = (
             f"; resuming from {commit.tag} ({commit.state['world_size']} -> {world} processes"
             + ("" if with_optimizer else ", optimizer state reset")
-            + ("" if start_batch or same_world else ", epoch restarted")
+            + restarted
             + ")"
         )
 

@@ -203,6 +203,45 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     assert "the config's model differs from the one checkpointed" in proc.stderr
     assert "gen_skip: checkpoint 16 vs config 8" in proc.stderr
 
+    def resume_with(*sets):
+        args = [x for kv in ("train.max_steps=18", *sets) for x in ("--set", kv)]
+        return subprocess.run(
+            [PYTHON, "launch/train.py", "--config", str(cfg), *args],
+            cwd=REPO,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+        )
+
+    # Store settings the store was not made with: an error, not silently ignored.
+    proc = resume_with("store.dtype=float16", "store.codec=zstd")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "was made with other settings (store.dtype: store 'float32' vs config 'float16', "
+        "store.codec: store 'none' vs config 'zstd')"
+    ) in proc.stderr
+
+    # Other shards with fewer images than the run was checkpointed on.
+    from lcm_dist.demo import random_crops
+    from lcm_dist.shards import write_shards
+
+    write_shards(random_crops(32, 32, seed=1), tmp_path / "fewer", 32, 8, progress=False)
+    proc = resume_with(f"data.shards={tmp_path / 'fewer'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hold 32 images but the run in" in proc.stderr and "checkpointed on 64" in proc.stderr
+
+    # A preview image source that does not exist fails before a new run writes anything.
+    fresh = tmp_path / "fresh-run"
+    proc = resume_with(
+        f"run_dir={fresh}",
+        f"store.url={fresh / 'latents.zarr'}",
+        "log.restore_every_steps=5",
+        "log.restore_images=nothere",
+    )
+    assert proc.returncode == 2 and "image source 'nothere' does not exist" in proc.stderr
+    assert not fresh.exists()
+    assert (run_dir / "latest.json").read_text() == pointer
+
     # A full disk while writing a checkpoint: clear error, the previous commit still resumes.
     proc = subprocess.run(
         [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"],
@@ -230,3 +269,20 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     assert "mp_rank_00_model_states.pt is truncated or corrupt" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (run_dir / "latest.json").read_text() == pointer
+
+
+def test_resume_with_another_worker_count_says_the_epoch_restarts(tmp_path, demo_shards):
+    cfg = resume_config(tmp_path, demo_shards, "workers", train={"max_steps": 6})
+    code, out = run(cfg)
+    assert code == 0, out[-3000:]  # committed at batch 6 of the 16 of epoch 0
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=7"]
+        + ["--set", "data.num_workers=1"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 0 restarted (data.num_workers changed)" in proc.stdout + proc.stderr
+    assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
