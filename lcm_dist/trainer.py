@@ -203,6 +203,42 @@ def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images:
         )
 
 
+def _lock_run_dir(run_dir: str):
+    """Rank 0 holds an exclusive lock on ``<run_dir>/.lock`` while the run trains, so a second
+    launch of the same run (e.g. while a killed launcher's workers still live) fails instead
+    of training and committing alongside it. Returns the open lock file (the lock lasts as
+    long as it stays open, and ends with the process however it ends)."""
+    import fcntl
+    import socket
+
+    handle, holder = None, ""
+    if distributed.is_main():
+        from lcm_dist.shards import make_folder
+
+        make_folder(run_dir, "run folder")
+        handle = open(os.path.join(run_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            handle = None
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+    busy = torch.tensor([int(distributed.is_main() and handle is None)])
+    if distributed.max_over_ranks(busy).item():
+        by = f" ({holder})" if holder else ""
+        raise ValueError(
+            f"another training process{by} is using {run_dir}; wait for it to end or stop it, "
+            "then re-run"
+        )
+    return handle
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or continue) the training described by ``cfg``."""
     import deepspeed
@@ -223,6 +259,11 @@ def train(cfg: RunConfig) -> TrainResult:
             f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
         )
     num_rows = manifest["num_samples"]
+    if cfg.log.restore_every_steps:
+        from lcm_dist.shards import collect_sources
+
+        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
+    run_lock = _lock_run_dir(cfg.run_dir)  # noqa: F841 (held until train returns)
     commit = checkpoint.find_latest(cfg.run_dir)
     if commit is not None:
         _check_commit_matches(cfg, commit, num_rows)
@@ -234,10 +275,6 @@ def train(cfg: RunConfig) -> TrainResult:
                     flush=True,
                 )
             return TrainResult(commit.state["step"], math.nan, math.nan, 0.0, [], [])
-    if cfg.log.restore_every_steps:
-        from lcm_dist.shards import collect_sources
-
-        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     latents = open_latents(cfg, manifest, commit)
 
     # Models.

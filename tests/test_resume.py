@@ -286,3 +286,31 @@ def test_resume_with_another_worker_count_says_the_epoch_restarts(tmp_path, demo
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 0 restarted (data.num_workers changed)" in proc.stdout + proc.stderr
     assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
+
+
+def test_a_second_launch_of_a_running_run_is_refused(tmp_path, demo_shards):
+    cfg = resume_config(tmp_path, demo_shards, "twice", train={"max_steps": 100000})
+    first = launch(cfg)
+    try:
+        lock = tmp_path / "twice" / "run" / ".lock"
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and "pid" in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "first run did not start"
+            time.sleep(0.2)
+        code, out = run(cfg)
+        assert code == 2, out[-3000:]
+        assert f"another training process (pid {first.pid} on " in out
+        assert f"is using {tmp_path / 'twice' / 'run'}; wait for it to end or stop it" in out
+        assert first.poll() is None  # the first run trains on, undisturbed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # Killed, it holds the lock no more: the run can be launched again.
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=1"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
