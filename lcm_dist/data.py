@@ -185,8 +185,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield row, image
             except ShardDecodeError:
                 raise
-            except Exception as err:  # tar/stream errors: name the shard
-                raise ShardDecodeError(f"cannot read shard {url}: {err}") from None
+            except Exception as err:  # tar/stream errors: name the shard and where it broke
+                # WebDataset wraps tar errors as (message, stream, url); keep the message only.
+                reason = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+                reason = reason.split(" @ <")[0]
+                raise ShardDecodeError(
+                    f"cannot read shard {url} after {seen} of its {count} samples (rows "
+                    f"{first}..{first + count - 1}): {reason}; the file is truncated or damaged "
+                    "(python launch/make_shards.py FOLDER --verify checks every shard)"
+                ) from None
             if seen != count:
                 raise ShardDecodeError(
                     f"shard {url} holds {seen} samples but the manifest says {count} "

@@ -4,6 +4,7 @@ bad shards stop with an error naming the shard and sample."""
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -151,13 +152,24 @@ def test_missing_sample_pair_is_a_count_error(tmp_path):
         list(loader.epoch_batches(0))
 
 
-def test_truncated_shard_is_named(tmp_path):
+@pytest.mark.parametrize("cut", [1500, 1600])
+def test_truncated_shard_is_named(tmp_path, cut):
     write_shards(((f"k{i}", _image(i)) for i in range(10)), tmp_path, SIZE, 5, progress=False)
     path = tmp_path / "shard-000001.tar"
-    path.write_bytes(path.read_bytes()[:1500])
+    path.write_bytes(path.read_bytes()[:cut])
     loader = ShardLoader(tmp_path, batch_size=4, shuffle_buffer=1)
-    with pytest.raises(ShardDecodeError, match=r"shard-000001.tar"):
+    with pytest.raises(ShardDecodeError) as err:
         list(loader.epoch_batches(0))
+    if cut == 1500:  # cut between a sample's two files
+        assert re.fullmatch(
+            r"sample 0000000005 in shard .*shard-000001.tar lacks its .*", str(err.value)
+        )
+    else:  # cut inside the image file: a tar error, with the shard and where it broke
+        assert re.fullmatch(
+            r"cannot read shard .*shard-000001.tar after 0 of its 5 samples \(rows 5..9\): "
+            r"[^<>]+; the file is truncated or damaged \(.*--verify checks every shard\)",
+            str(err.value),
+        ), str(err.value)
 
 
 def test_missing_shard_set_and_too_many_ranks(tmp_path, shards):
