@@ -9,7 +9,9 @@ python launch/bench.py throughput   # raw store MB/s vs a plain file on the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from lcm_dist.benchmarks import BENCHMARKS
@@ -24,13 +26,25 @@ def main(argv: list[str] | None = None) -> int:
         "--json", action="store_true", help="print one JSON object instead of a table"
     )
     args = parser.parse_args(argv)
-    result = BENCHMARKS[args.name]()
     if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(len(k) for k in result)
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+        # Everything the benchmark prints (training logs, library warnings, subprocesses) goes
+        # to stderr, so stdout holds the one JSON object.
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                result = BENCHMARKS[args.name]()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        print(json.dumps(result), flush=True)
+        return 0
+    result = BENCHMARKS[args.name]()
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
     return 0
 
 
