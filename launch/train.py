@@ -10,6 +10,7 @@ Override any config key with --set section.key=value (repeatable).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lcm_dist.cache import StoreIOError
@@ -40,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ValueError, NonFiniteLossError, StoreIOError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        # When one process stops on an error, the others see their connection to it close
+        # in the middle of a collective: say that in one line instead of a gloo traceback.
+        lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+        if not any(text in str(err) for text in lost):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"error: process {rank} stopped because another process of the run stopped "
+            "(its error is above)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

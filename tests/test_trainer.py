@@ -207,3 +207,27 @@ def test_demo_trains_then_says_it_has_finished(tmp_path):
     assert "demo: using the 16 crops" in again.stdout
     assert f"demo: the run in {tmp_path / 'run'} is already finished" in again.stdout
     assert "nan" not in again.stdout
+
+
+@pytest.mark.dist
+def test_an_error_on_one_process_is_one_line_on_the_others(tmp_path):
+    from lcm_dist.demo import random_crops
+    from lcm_dist.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(random_crops(64, 32, seed=1), shards, 32, 8, progress=False)
+    broken = shards / "shard-000002.tar"
+    broken.write_bytes(broken.read_bytes()[:1600])  # truncated inside an image
+    cfg_path = run_config(tmp_path, shards, train={"max_steps": 40})
+    cmd = LAUNCHERS["torchrun"] + ["--master_port", str(free_port())]
+    cmd += ["launch/train.py", "--config", str(cfg_path)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: cannot read shard" in out and "shard-000002.tar" in out
+    # The other process either notices the lost connection first and says so in one line, or
+    # is stopped by torchrun before it does; it never prints a traceback of its own.
+    assert "Connection closed by peer" not in out
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
