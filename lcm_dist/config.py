@@ -407,9 +407,13 @@ def validate(cfg: RunConfig) -> None:
             "stage 3 partitions it (use stage 0-2, or restore from an export)"
         )
     validate_model(m)
-    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_latest < 1:
+    if cfg.checkpoint.every_steps < 0:
         raise ValueError(
-            "config keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_latest' >= 1"
+            f"config key 'checkpoint.every_steps' is {cfg.checkpoint.every_steps}; it must be >= 0"
+        )
+    if cfg.checkpoint.keep_latest < 1:
+        raise ValueError(
+            f"config key 'checkpoint.keep_latest' is {cfg.checkpoint.keep_latest}; it must be >= 1"
         )
     st = cfg.store
     if st.rows_per_chunk < 0:

@@ -60,6 +60,8 @@ def test_paper_preset(tmp_path):
             "cannot be used with deepspeed.fp16 or deepspeed.bf16",
         ),
         ({"log": {"progress": 1}}, "'log.progress' must be true or false"),
+        ({"checkpoint": {"keep_latest": 0}}, "'checkpoint.keep_latest' is 0; it must be >= 1"),
+        ({"checkpoint": {"every_steps": -1}}, "'checkpoint.every_steps' is -1; it must be >= 0"),
         ({"deepspeed": {}}, "'deepspeed.optimizer' is missing"),
         ({"deepspeed": {"optimizer": {"typ": "SGD"}}}, "'deepspeed.optimizer' must name"),
         (
