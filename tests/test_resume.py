@@ -55,6 +55,19 @@ def run(cfg_path, launcher=None, env=None, timeout=600):
     return proc.returncode, out
 
 
+def train_more(cfg_path, *sets, launcher=None, env=None):
+    """launch/train.py on ``cfg_path`` with ``--set`` overrides, run to the end."""
+    args = [x for kv in sets for x in ("--set", kv)]
+    return subprocess.run(
+        list(launcher or [PYTHON]) + ["launch/train.py", "--config", str(cfg_path), *args],
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def final_state(cfg_path):
     """Generator weights and all latent rows of the run's newest commit."""
     from safetensors.torch import load_file
@@ -167,14 +180,7 @@ def test_elastic_resume_changes_world_size_and_keeps_learning(tmp_path, demo_sha
     code, out = run(cfg, launcher(first))
     assert code == 0, out[-3000:]
     before = _losses(tmp_path / "elastic" / "run")
-    proc = subprocess.run(
-        launcher(second) + ["launch/train.py", "--config", str(cfg), "--set", "train.max_steps=48"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = train_more(cfg, "train.max_steps=48", launcher=launcher(second))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert f"resuming from step-00000024 ({first} -> {second} processes" in out
@@ -191,27 +197,13 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     pointer = (run_dir / "latest.json").read_text()
 
     # A config whose model differs from the checkpoint's.
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"]
-        + ["--set", "model.gen_skip=8"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_more(cfg, "train.max_steps=18", "model.gen_skip=8")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the config's model differs from the one checkpointed" in proc.stderr
     assert "gen_skip: checkpoint 16 vs config 8" in proc.stderr
 
-    def resume_with(*sets):
-        args = [x for kv in ("train.max_steps=18", *sets) for x in ("--set", kv)]
-        return subprocess.run(
-            [PYTHON, "launch/train.py", "--config", str(cfg), *args],
-            cwd=REPO,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-        )
+    def resume_with(*sets, env=None):
+        return train_more(cfg, "train.max_steps=18", *sets, env=env)
 
     # Store settings the store was not made with: an error, not silently ignored.
     proc = resume_with("store.dtype=float16", "store.codec=zstd")
@@ -243,13 +235,7 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     assert (run_dir / "latest.json").read_text() == pointer
 
     # A full disk while writing a checkpoint: clear error, the previous commit still resumes.
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"],
-        cwd=REPO,
-        env={**subprocess_env(), "LCM_DIST_FAIL_AT": "checkpoint.write:1"},
-        capture_output=True,
-        text=True,
-    )
+    proc = resume_with(env={"LCM_DIST_FAIL_AT": "checkpoint.write:1"})
     assert proc.returncode == 2
     assert "No space left on device" in proc.stderr and "previous commit" in proc.stderr
     assert (run_dir / "latest.json").read_text() == pointer
@@ -258,13 +244,7 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     # A truncated checkpoint file: a clear error, nothing trained, the pointer untouched.
     engine_file = run_dir / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt"
     engine_file.write_bytes(engine_file.read_bytes()[:1000])
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=18"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = resume_with()
     assert proc.returncode == 2
     assert "mp_rank_00_model_states.pt is truncated or corrupt" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -275,14 +255,7 @@ def test_resume_with_another_worker_count_says_the_epoch_restarts(tmp_path, demo
     cfg = resume_config(tmp_path, demo_shards, "workers", train={"max_steps": 6})
     code, out = run(cfg)
     assert code == 0, out[-3000:]  # committed at batch 6 of the 16 of epoch 0
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=7"]
-        + ["--set", "data.num_workers=1"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_more(cfg, "train.max_steps=7", "data.num_workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 0 restarted (data.num_workers changed)" in proc.stdout + proc.stderr
     assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
@@ -306,11 +279,5 @@ def test_a_second_launch_of_a_running_run_is_refused(tmp_path, demo_shards):
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # Killed, it holds the lock no more: the run can be launched again.
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg), "--set", "train.max_steps=1"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_more(cfg, "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
