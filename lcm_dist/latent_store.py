@@ -281,7 +281,7 @@ class LatentStore:
             fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
             return fs.exists(path.rstrip("/") + "/zarr.json")
         except Exception as err:  # e.g. no fsspec backend installed for the URL's protocol
-            raise ValueError(f"cannot reach the latent store at {url}: {_reason(err)}") from None
+            raise ValueError(f"cannot open the latent store at {url}: {_reason(err)}") from None
 
     # Chunks.
 

@@ -112,7 +112,7 @@ def test_refuses_other_model_small_store_and_bad_urls(tmp_path):
         make(str(tmp_path / "file" / "sub"))
     with pytest.raises(ValueError, match=r"nosuchproto://x"):
         LatentStore.open("nosuchproto://x")
-    with pytest.raises(ValueError, match=r"cannot reach the latent store at nosuchproto://x"):
+    with pytest.raises(ValueError, match=r"cannot open the latent store at nosuchproto://x"):
         LatentStore.exists("nosuchproto://x")
 
 
