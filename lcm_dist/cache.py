@@ -92,11 +92,8 @@ class WriteBackCache:
                 rows = np.asarray(torch.as_tensor(done_rows).cpu(), dtype=np.int64).reshape(-1)
                 self._check_rows(rows)
                 for chunk in np.unique(rows // self.rows_per_chunk).tolist():
-                    lo, hi = self.store.chunk_bounds(chunk)
-                    seen = self._seen.setdefault(chunk, np.zeros(hi - lo, dtype=bool))
-                    seen[rows[(rows >= lo) & (rows < hi)] - lo] = True
-                    if seen.all():
-                        self._done.add(chunk)
+                    sel = rows // self.rows_per_chunk == chunk
+                    self._mark_seen(chunk, rows[sel] - chunk * self.rows_per_chunk)
         self._prefetch()
 
     def end_epoch(self) -> None:
@@ -182,11 +179,7 @@ class WriteBackCache:
                 entry.data[local] = values[sel]
                 entry.dirty = True
                 entry.pinned = False
-                lo, hi = self.store.chunk_bounds(chunk)
-                seen = self._seen.setdefault(chunk, np.zeros(hi - lo, dtype=bool))
-                seen[local] = True
-                if seen.all():
-                    self._done.add(chunk)
+                if self._mark_seen(chunk, local):
                     self._start_write(chunk, drop=True)
         if waited:
             self.wait_seconds += time.perf_counter() - start
@@ -220,6 +213,17 @@ class WriteBackCache:
     def _nbytes(self, chunk: int) -> int:
         lo, hi = self.store.chunk_bounds(chunk)
         return (hi - lo) * self.phi_size * 4
+
+    def _mark_seen(self, chunk: int, local: np.ndarray) -> bool:
+        """Note that this epoch has finished the chunk's rows ``local`` (0-based in the chunk);
+        True when that completes the chunk (it is then done: never read again this epoch)."""
+        lo, hi = self.store.chunk_bounds(chunk)
+        seen = self._seen.setdefault(chunk, np.zeros(hi - lo, dtype=bool))
+        seen[local] = True
+        if seen.all():
+            self._done.add(chunk)
+            return True
+        return False
 
     def _check_rows(self, rows: np.ndarray) -> None:
         if rows.size and (rows.min() < 0 or rows.max() >= self.store.num_rows):
