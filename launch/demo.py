@@ -13,7 +13,7 @@ import os
 import sys
 
 from lcm_dist.cache import StoreIOError
-from lcm_dist.config import load_config
+from lcm_dist.config import add_override_argument, load_config
 from lcm_dist.demo import make_demo_shards
 from lcm_dist.trainer import NonFiniteLossError, train
 
@@ -32,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="how many demo crops to make (default: %(default)s)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.max_steps=100 (repeatable)",
-    )
+    add_override_argument(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

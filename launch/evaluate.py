@@ -9,8 +9,9 @@ Clean images of any size are centre-cropped and resized to the model's resolutio
 hourglass fitted with Adam from noise) and ``naive`` (biharmonic or mean fill, bicubic
 upsampling, luminance only). The LCM and DIP get the same number of iterations. Inpainted
 images are scored as launch/restore.py writes them, with the observed pixels put back (--raw:
-each method's whole output). Writes report.json (PSNR and SSIM per image and mean; over the hole too for inpainting), grid.png
-(a row per image; columns: clean, degraded, then each method) and TensorBoard events under DIR/tb.
+each method's whole output). Writes report.json (PSNR and SSIM per image and mean; over the
+hole too for inpainting), grid.png (a row per image; labelled columns: clean, degraded, then
+each method) and TensorBoard events under DIR/tb.
 """
 
 from __future__ import annotations

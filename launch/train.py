@@ -14,7 +14,7 @@ import os
 import sys
 
 from lcm_dist.cache import StoreIOError
-from lcm_dist.config import load_config
+from lcm_dist.config import add_override_argument, load_config
 from lcm_dist.trainer import NonFiniteLossError, train
 
 
@@ -23,14 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="path of the run's JSON config")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.max_steps=100 (repeatable)",
-    )
+    add_override_argument(parser)
     # The deepspeed launcher passes --local_rank; the environment carries the same.
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS

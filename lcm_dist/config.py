@@ -318,6 +318,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def add_override_argument(parser) -> None:
+    """The command-line ``--set section.key=value`` option (repeatable) into ``args.overrides``,
+    for ``load_config``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=100 (repeatable)",
+    )
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of the raw config dict with ``--set`` overrides applied."""
     raw = json.loads(json.dumps(raw))
