@@ -116,10 +116,53 @@ def find_latest(run_dir: str | os.PathLike) -> Commit | None:
     return Commit(tag, folder, state, slots)
 
 
+def _fp32_masters(engine) -> dict[int, torch.Tensor]:
+    """Under bf16, the optimizer's fp32 master copy of each generator parameter (by id),
+    whole (gathered under ZeRO); the module itself holds only bf16 roundings of them."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = list(engine.module.parameters())
+    masters = {id(p): safe_get_full_fp32_param(p) for p in params}
+    if any(m is None for m in masters.values()):
+        # ZeRO stage 0 under bf16 keeps unflattened fp32 copies beside the bf16 groups.
+        opt = engine.optimizer
+        pairs = zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
+        masters = {id(lo): hi for los, his in pairs for lo, hi in zip(los, his, strict=True)}
+    missing = [p for p in params if masters.get(id(p)) is None]
+    if missing:
+        raise CheckpointError(
+            f"cannot find the fp32 master weights of the generator in DeepSpeed's "
+            f"{type(engine.optimizer).__name__}; train in fp32 or with ZeRO stage 1-3"
+        )
+    return masters
+
+
+def _set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    masters = None
+    for name, param in engine.module.named_parameters():
+        value = weights[name].to(param.device)
+        if safe_get_full_fp32_param(param) is not None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            masters = masters or _fp32_masters(engine)
+            masters[id(param)].data.copy_(value.view_as(masters[id(param)]))
+
+
 def generator_state(engine) -> dict[str, torch.Tensor]:
-    """The generator's full weights as contiguous CPU fp32 tensors (gathered under ZeRO-3;
-    call on every rank)."""
-    if engine.zero_optimization_stage() == 3:
+    """The generator's full weights as contiguous CPU fp32 tensors: under bf16 the
+    optimizer's fp32 masters, never an upcast of the bf16 copy (call on every rank: ZeRO-3
+    gathers)."""
+    if engine.bfloat16_enabled():
+        masters = _fp32_masters(engine)
+        by_name = {name: masters[id(p)] for name, p in engine.module.named_parameters()}
+        state = {
+            name: by_name.get(name, tensor) for name, tensor in engine.module.state_dict().items()
+        }
+        if engine.zero_optimization_stage() == 3 and not distributed.is_main():
+            return {}
+    elif engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
@@ -203,6 +246,10 @@ def load_engine(engine, commit: Commit, same_world: bool) -> bool:
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state in {commit.folder}")
     expected = load_file(str(commit.folder / "generator.safetensors"))
+    if engine.bfloat16_enabled() and not with_optimizer:
+        # Without its optimizer state DeepSpeed rebuilds the fp32 masters from the bf16
+        # weights; the checkpoint's fp32 weights are the exact ones.
+        _set_fp32_masters(engine, expected)
     loaded = generator_state(engine)
     for name, tensor in loaded.items():
         if not torch.equal(tensor, expected[name]):

@@ -171,6 +171,9 @@ class LogConfig:
     restore_iterations: int = 100
     """Iterations of the fresh phi fitted to each held-back image (SGD at lr 0.5, the
     inpainting default of launch/restore.py)."""
+    trace_rows: bool = False
+    """Audit the data plan: every process writes the rows of each batch it trains, and a
+    checksum of its generator at the end, to <run_dir>/trace/rows-rank<R>.jsonl."""
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,18 @@ def validate(cfg: RunConfig) -> None:
             "'store.prefetch_chunks' >= 0"
         )
     ds = cfg.deepspeed
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled"):
+        raise ValueError(
+            "config key 'deepspeed.fp16.enabled' is true, but fp16 is not supported: DeepSpeed "
+            "scales the loss, so phi's gradient would be scaled too and phi stepped on steps "
+            "it skips for overflow; use deepspeed.bf16 (same speed on current GPUs) or fp32"
+        )
+    amp = ds.get("amp")
+    if isinstance(amp, dict) and amp.get("enabled"):
+        raise ValueError(
+            "config key 'deepspeed.amp.enabled' is true, but apex AMP is not supported; use "
+            "deepspeed.bf16"
+        )
     if "optimizer" not in ds:
         raise ValueError(
             "config key 'deepspeed.optimizer' is missing; the generator's optimizer is set there, "

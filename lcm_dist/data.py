@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from lcm_dist.lifecycle import loader_worker_init
 from lcm_dist.shards import join, load_manifest
 
 
@@ -294,6 +295,7 @@ class ShardLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
+                worker_init_fn=loader_worker_init,
             )
         )
         skipped: list[int] = []

@@ -3,15 +3,32 @@
 Training runs the same under the ``deepspeed`` launcher, under ``torchrun`` and as plain
 ``python launch/train.py``; for the last, the environment a launcher would set is filled in for
 a world of one, so DeepSpeed neither looks for MPI nor needs a free port chosen by hand.
+
+Collectives run on the device the backend serves: NCCL reduces CUDA tensors only, gloo CPU
+tensors, so the helpers move their (tiny) operands there and back. On a GPU node each process
+binds its CUDA device (``LOCAL_RANK``) before the process group exists, so NCCL's communicator
+and every later allocation land on that device and not all on GPU 0.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class PeerStopped(RuntimeError):
+    """Another process of the run stopped on an error (which it reports itself)."""
+
+
+class PortInUseError(ValueError):
+    """The rendezvous port of the run is taken."""
 
 
 def _free_port() -> int:
@@ -21,7 +38,7 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Join (or create) the process group through DeepSpeed; gloo on CPU."""
+    """Join (or create) the process group through DeepSpeed: NCCL on CUDA, gloo on CPU."""
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -33,14 +50,29 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank())
     import deepspeed
 
-    if not torch.cuda.is_available():
+    if not cuda:
         # The shared-memory comm op is JIT-compiled on first use (minutes); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = None if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    try:
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False
+        )
+    except RuntimeError as err:  # torch's DistNetworkError is a RuntimeError
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err):
+            raise
+        port, addr = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+        raise PortInUseError(
+            f"port {port} on {addr} (MASTER_PORT), where the run's processes meet, is in use: "
+            "processes of an earlier launch may still be stopping (they exit within seconds of "
+            "their launcher) or another job holds it; re-run in a moment, or give the launcher "
+            "another port (--master_port)"
+        ) from None
 
 
 def rank() -> int:
@@ -55,45 +87,87 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed
+    launcher LOCAL_SIZE; a plain ``python`` run is one."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return max(1, int(os.environ[name]))
+    return 1
+
+
 def is_main() -> bool:
     return rank() == 0
 
 
+def device() -> torch.device:
+    """This process's compute device: its own GPU (``LOCAL_RANK``) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    """A reduced copy of ``values`` (on the device it came from)."""
+    if world_size() == 1:
+        return values.detach().clone()
+    t = values.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(t, op=op)
+    return t.to(values.device)
+
+
 def barrier() -> None:
     if world_size() > 1:
-        dist.barrier()
+        # A one-element all-reduce instead of dist.barrier(): under NCCL a barrier guesses the
+        # device from the rank, which is wrong whenever LOCAL_RANK is not the global rank.
+        _all_reduce(torch.zeros(1), dist.ReduceOp.SUM)
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """Average a tensor of metrics across ranks (for logging only)."""
-    if world_size() == 1:
-        return values
-    values = values.detach().clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / world_size()
+    return _all_reduce(values, dist.ReduceOp.SUM) / world_size()
 
 
 def sum_over_ranks(value: float) -> float:
     """Sum a scalar across ranks (for logging only)."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
+    return float(_all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.SUM))
 
 
 def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Elementwise maximum of a CPU tensor over all processes (a copy; itself in one process)."""
-    values = values.clone()
-    if world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
+    """Elementwise maximum of a tensor over all processes (a copy; itself in one process)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
+def first_failed_rank(failed: bool) -> int | None:
+    """The lowest rank for which ``failed`` is true, agreed by all ranks (a collective)."""
+    me = torch.tensor([rank() if failed else world_size()], dtype=torch.int64)
+    lowest = int(_all_reduce(me, dist.ReduceOp.MIN))
+    return None if lowest >= world_size() else lowest
+
+
+def together(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, every rank stops at once: the
+    failing ones with their own error, the others with a one-line PeerStopped naming the
+    failing rank. Without this, ranks that succeeded would wait at their next collective until
+    it timed out (minutes under NCCL). ``fn`` must not itself run collectives."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as err:
+        error = err
+    failed = first_failed_rank(error is not None) if world_size() > 1 else None
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise PeerStopped(f"process {failed} of the run stopped while {what} (its error is above)")
+    return result  # type: ignore[return-value]
 
 
 def destroy() -> None:

@@ -96,3 +96,35 @@ class RunLogger(NullLogger):
             self.bar.close()
             self.bar = None
         self.writer.close()
+
+
+class RowTrace:
+    """``log.trace_rows``: an audit of the data plan. Each process appends one JSON line per
+    batch to ``<run_dir>/trace/rows-rank<R>.jsonl`` (step, epoch, the rows it trained) and,
+    at the end of the run, the SHA-256 of its copy of the generator's weights (identical on
+    every process under ZeRO 0-2). A resumed run appends again from its first step, so the
+    last line of a step is the one that counts."""
+
+    def __init__(self, run_dir: str, rank: int):
+        folder = os.path.join(run_dir, "trace")
+        os.makedirs(folder, exist_ok=True)
+        self._file = open(os.path.join(folder, f"rows-rank{rank}.jsonl"), "a")
+
+    def _write(self, record: dict) -> None:
+        import json
+
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def rows(self, step: int, epoch: int, rows: torch.Tensor) -> None:
+        self._write({"step": step, "epoch": epoch, "rows": rows.tolist()})
+
+    def generator(self, step: int, module: torch.nn.Module) -> None:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        self._write({"step": step, "generator_sha256": digest.hexdigest()})
+        self._file.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcm_dist import checkpoint, distributed
+from lcm_dist import checkpoint, distributed, lifecycle
 from lcm_dist.cache import WriteBackCache
 from lcm_dist.config import RunConfig, config_to_dict, write_resolved_config
 from lcm_dist.data import ShardLoader, chunk_need_order
@@ -28,7 +28,7 @@ from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, initial_phi, phi_l
 from lcm_dist.latent_store import open_run_store, resolve_url
 from lcm_dist.latent_table import InMemoryLatentTable
 from lcm_dist.loss import lcm_loss
-from lcm_dist.metrics import NullLogger, RunLogger, image_grid
+from lcm_dist.metrics import NullLogger, RowTrace, RunLogger, image_grid
 from lcm_dist.restore import inpainting_preview
 from lcm_dist.shards import load_manifest
 
@@ -71,11 +71,14 @@ def deepspeed_config(cfg: RunConfig) -> dict:
 
 
 def _set_threads() -> None:
-    """Share the cores between the processes of a node (no launcher sets this for CPU runs)."""
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+    """Share the node's cores between its processes under every launcher (the deepspeed
+    launcher sets no OMP_NUM_THREADS, so each process would take every core); an
+    OMP_NUM_THREADS in the environment wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // distributed.local_world_size()))
 
 
 def open_latents(
@@ -83,7 +86,7 @@ def open_latents(
 ) -> WriteBackCache | InMemoryLatentTable:
     """The run's phi rows: the Zarr store (rank 0 creates it for a new run) behind a write-back
     cache, set to the slots of ``commit`` when resuming; or, with ``store.in_ram``, a table in
-    this process's memory."""
+    this process's memory. Every process calls this together; an error on any stops all."""
     if cfg.store.in_ram:
         if distributed.world_size() > 1:
             raise ValueError(
@@ -96,11 +99,24 @@ def open_latents(
                 "not saved and it cannot be resumed; start a new run_dir"
             )
         return InMemoryLatentTable(manifest["num_samples"], initial_phi(cfg.model))
-    if distributed.is_main():
-        store = open_run_store(cfg, manifest, create=commit is None)
-    distributed.barrier()
-    if not distributed.is_main():
-        store = open_run_store(cfg, manifest, create=False)
+    main = distributed.is_main()
+    # Rank 0 creates the store of a new run before the others open it.
+    store = distributed.together(
+        "opening the latent store",
+        lambda: open_run_store(cfg, manifest, create=commit is None) if main else None,
+    )
+    if not main:
+        store = distributed.together(
+            "opening the latent store", lambda: open_run_store(cfg, manifest, create=False)
+        )
+    else:
+        distributed.together("opening the latent store", lambda: None)
+    return distributed.together(
+        "setting up the latent cache", lambda: _latent_cache(cfg, store, commit)
+    )
+
+
+def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> WriteBackCache:
     if commit is not None:
         store.restore_slots(commit.slots)
     elif (store.committed >= 0).any():
@@ -150,6 +166,27 @@ def _share_latent_slots(latents) -> None:
     latents.apply_changes(changes)
 
 
+# What decides the order in which an epoch deals its images: a resumed run whose values differ
+# from the checkpoint's cannot continue the interrupted epoch where it stopped.
+_PLAN_KEYS = {
+    "world_size": "processes",
+    "num_workers": "data.num_workers",
+    "batch_size": "data.batch_size",
+    "seed": "train.seed",
+    "shuffle_buffer": "data.shuffle_buffer",
+}
+
+
+def _data_plan(cfg: RunConfig) -> dict:
+    return {
+        "world_size": distributed.world_size(),
+        "num_workers": cfg.data.num_workers,
+        "batch_size": cfg.data.batch_size,
+        "seed": cfg.train.seed,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+    }
+
+
 def _checkpoint(
     cfg: RunConfig, engine, latents, step: int, position: tuple[int, int], num_images: int
 ) -> None:
@@ -162,8 +199,7 @@ def _checkpoint(
         "step": step,
         "epoch": position[0],
         "batch_in_epoch": position[1],
-        "world_size": distributed.world_size(),
-        "num_workers": cfg.data.num_workers,
+        **_data_plan(cfg),
         "model": config_to_dict(cfg)["model"],
         "loss": {"levels": cfg.train.lap_levels, "mse_weight": cfg.train.mse_weight},
         "num_images": num_images,
@@ -203,47 +239,104 @@ def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images:
         )
 
 
-def _lock_run_dir(run_dir: str):
-    """Rank 0 holds an exclusive lock on ``<run_dir>/.lock`` while the run trains, so a second
-    launch of the same run (e.g. while a killed launcher's workers still live) fails instead
-    of training and committing alongside it. Returns the open lock file (the lock lasts as
-    long as it stays open, and ends with the process however it ends)."""
-    import fcntl
-    import socket
-
-    handle, holder = None, ""
-    if distributed.is_main():
-        from lcm_dist.shards import make_folder
-
-        make_folder(run_dir, "run folder")
-        handle = open(os.path.join(run_dir, ".lock"), "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            handle = None
-        else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-    busy = torch.tensor([int(distributed.is_main() and handle is None)])
-    if distributed.max_over_ranks(busy).item():
-        by = f" ({holder})" if holder else ""
+def _prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
+    """Checks that need no other process: the shards, the held-back images, the run lock (rank
+    0) and the newest commit. Returns (manifest, lock, commit)."""
+    manifest = load_manifest(cfg.data.shards)
+    if manifest["image_size"] != cfg.model.image_size:
         raise ValueError(
-            f"another training process{by} is using {run_dir}; wait for it to end or stop it, "
-            "then re-run"
+            f"shards in {cfg.data.shards} hold {manifest['image_size']}px images but "
+            f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
         )
-    return handle
+    if cfg.log.restore_every_steps:
+        from lcm_dist.shards import collect_sources
+
+        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
+    lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
+    commit = checkpoint.find_latest(cfg.run_dir)
+    if commit is not None:
+        _check_commit_matches(cfg, commit, manifest["num_samples"])
+    return manifest, lock, commit
+
+
+def _start_position(cfg: RunConfig, engine, commit: checkpoint.Commit | None):
+    """(first step, epoch, batch in epoch, note for the log) of a new or resumed run; loads
+    the engine and this process's RNG state from ``commit``."""
+    if commit is None:
+        return 1, 0, 0, ""
+    world = distributed.world_size()
+    same_world = commit.state["world_size"] == world
+    with_optimizer = checkpoint.load_engine(engine, commit, same_world)
+    epoch, batch = commit.state["epoch"], commit.state["batch_in_epoch"]
+    plan = _data_plan(cfg)
+    changed = [
+        name for key, name in _PLAN_KEYS.items() if commit.state.get(key, plan[key]) != plan[key]
+    ]
+    restarted = ""
+    if not changed:
+        rng = torch.load(commit.folder / f"rng-rank{distributed.rank()}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+    elif batch:
+        # The interrupted epoch's remaining images cannot be told apart under another plan:
+        # the epoch starts again (its images seen so far are trained once more).
+        restarted = f", epoch {epoch} restarted ({', '.join(changed)} changed)"
+        batch = 0
+    note = (
+        f"; resuming from {commit.tag} ({commit.state['world_size']} -> {world} processes"
+        + ("" if with_optimizer else ", optimizer state reset")
+        + restarted
+        + ")"
+    )
+    return commit.state["step"] + 1, epoch, batch, note
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: via pinned memory on a GPU."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _next_batch(batches, latents, loader, cfg, epoch):
+    """The next batch and its phi rows (host memory); a new epoch first writes back and shares
+    the last one's latents. Returns (batch, phi, io stats at the epoch's end or None)."""
+    batch = next(batches)
+    ended = None
+    if batch.epoch != epoch:
+        if epoch is not None:
+            latents.end_epoch()
+            _share_latent_slots(latents)
+            ended = latents.stats()
+        latents.begin_epoch(_chunk_order(cfg, loader, latents, batch.epoch), batch.skipped_rows)
+    return batch, latents.read_rows(batch.rows), ended
+
+
+def _agree_after_batch(bad: torch.Tensor, stop: lifecycle.StopSignals) -> tuple[bool, bool]:
+    """(did any process see a non-finite loss, did any process get a stop signal), agreed by
+    all processes once per batch (one host sync, and one tiny collective)."""
+    got_signal = torch.tensor(float(stop.received is not None), device=bad.device)
+    flags = torch.stack([bad.float(), got_signal])
+    if distributed.world_size() > 1:
+        flags = distributed.max_over_ranks(flags)
+    nonfinite, stopping = flags.tolist()
+    return bool(nonfinite), bool(stopping)
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Run (or continue) the training described by ``cfg``."""
+    """Run (or continue) the training described by ``cfg``. A SIGTERM or SIGUSR1 ends it
+    early, after the current batch and a checkpoint."""
+    stop = lifecycle.StopSignals()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.close()
+
+
+def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     import deepspeed
 
     distributed.init_distributed()
+    lifecycle.watch_launchers()
     _set_threads()
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device()
@@ -251,33 +344,23 @@ def train(cfg: RunConfig) -> TrainResult:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    # Data and latent table.
-    manifest = load_manifest(cfg.data.shards)
-    if manifest["image_size"] != cfg.model.image_size:
-        raise ValueError(
-            f"shards in {cfg.data.shards} hold {manifest['image_size']}px images but "
-            f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
-        )
+    # Data, run lock, newest commit; then the latent table.
+    # run_lock is held until this function returns.
+    manifest, run_lock, commit = distributed.together("starting the run", lambda: _prepare(cfg))  # noqa: F841
     num_rows = manifest["num_samples"]
-    if cfg.log.restore_every_steps:
-        from lcm_dist.shards import collect_sources
-
-        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
-    run_lock = _lock_run_dir(cfg.run_dir)  # noqa: F841 (held until train returns)
-    commit = checkpoint.find_latest(cfg.run_dir)
-    if commit is not None:
-        _check_commit_matches(cfg, commit, num_rows)
-        if commit.state["step"] >= cfg.train.max_steps:
-            if distributed.is_main():
-                print(
-                    f"lcm-dist: the run in {cfg.run_dir} finished at step {commit.state['step']} "
-                    f"(train.max_steps is {cfg.train.max_steps}); raise train.max_steps to go on",
-                    flush=True,
-                )
-            return TrainResult(commit.state["step"], math.nan, math.nan, 0.0, [], [])
+    if commit is not None and commit.state["step"] >= cfg.train.max_steps:
+        if distributed.is_main():
+            print(
+                f"lcm-dist: the run in {cfg.run_dir} finished at step {commit.state['step']} "
+                f"(train.max_steps is {cfg.train.max_steps}); raise train.max_steps to go on",
+                flush=True,
+            )
+        return TrainResult(commit.state["step"], math.nan, math.nan, 0.0, [], [])
     latents = open_latents(cfg, manifest, commit)
 
-    # Models.
+    # Models. phi and the latent nets stay fp32 whatever precision DeepSpeed gives the
+    # generator: the latent net's output is cast to the generator's dtype, and the gradient
+    # flows back through that cast into fp32 phi.
     latent_net = BatchedLatentNet(cfg.model).to(device)
     clamp_mask = latent_net.mask
     generator = Generator(cfg.model)
@@ -286,34 +369,7 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     # Read checkpoints back without unpickling arbitrary objects.
     engine.checkpoint_engine = checkpoint.SafeCheckpointEngine(engine._config)
-
-    # Where to continue: the commit's data position, or the start.
-    start_step, start_epoch, start_batch = 1, 0, 0
-    resumed_note = ""
-    if commit is not None:
-        same_world = commit.state["world_size"] == world
-        with_optimizer = checkpoint.load_engine(engine, commit, same_world)
-        start_step = commit.state["step"] + 1
-        start_epoch, start_batch = commit.state["epoch"], commit.state["batch_in_epoch"]
-        restarted = ""
-        if same_world and commit.state["num_workers"] == cfg.data.num_workers:
-            rng = torch.load(commit.folder / f"rng-rank{rank}.pt", weights_only=True)
-            torch.set_rng_state(rng["torch"])
-        else:
-            # Another world size or worker count deals the samples differently: the interrupted
-            # epoch restarts.
-            if start_batch:
-                changed = "processes" if not same_world else "data.num_workers"
-                restarted = f", epoch {start_epoch} restarted ({changed} changed)"
-            start_batch = 0
-        resumed_note = (
-            f"; resuming from {commit.tag} ({commit.state['world_size']} -> {world} processes"
-            + ("" if with_optimizer else ", optimizer state reset")
-            + restarted
-            + ")"
-        )
-
-    # Under bf16/fp16 DeepSpeed casts the generator; its input must follow.
+    start_step, start_epoch, start_batch, resumed_note = _start_position(cfg, engine, commit)
     gen_dtype = next(engine.module.parameters()).dtype
 
     if distributed.is_main():
@@ -325,6 +381,7 @@ def train(cfg: RunConfig) -> TrainResult:
         )
     else:
         log = NullLogger()
+    trace = RowTrace(cfg.run_dir, rank) if cfg.log.trace_rows else None
 
     # Held-back images for the restoration preview (rank 0 only; up to 8).
     held_back = None
@@ -351,59 +408,74 @@ def train(cfg: RunConfig) -> TrainResult:
 
     first_loss = last_loss = float("nan")
     window_start, window_images = time.perf_counter(), 0
-    window_terms, window_steps = torch.zeros(3), 0
+    window_terms, window_steps = torch.zeros(3, device=device), 0
     run_start = time.perf_counter()
     images_per_second = 0.0
     t = cfg.train
     step_seconds: list[float] = []
     epoch_io: list[dict] = []
     position = (start_epoch, start_batch)
+    committed = step = start_step - 1
+    stopping = False
     for step in range(start_step, t.max_steps + 1):
         step_start = time.perf_counter()
-        batch = next(batches)
-        images = batch.images.to(device)
-        rows = batch.rows
-        if batch.epoch != epoch:
-            if epoch is not None:
-                latents.end_epoch()
-                _share_latent_slots(latents)
-                epoch_io.append(latents.stats())
-            epoch = batch.epoch
-            latents.begin_epoch(_chunk_order(cfg, loader, latents, epoch), batch.skipped_rows)
+        batch, phi_host, ended = distributed.together(
+            f"reading batch {step}", lambda e=epoch: _next_batch(batches, latents, loader, cfg, e)
+        )
+        if ended is not None:
+            epoch_io.append(ended)
+        epoch, rows = batch.epoch, batch.rows
+        images = _to_device(batch.images, device)
+        phi = _to_device(phi_host, device).requires_grad_(True)
 
-        # Joint SGD on phi (local) and theta (DeepSpeed) for this batch.
-        phi = latents.read_rows(rows).to(device).requires_grad_(True)
+        # Joint SGD on phi (local) and theta (DeepSpeed) for this batch. The loss is scaled by
+        # this batch's share of a full one: a process dealt fewer images (uneven shards, the
+        # end of an epoch) gives each image the same phi step and the same weight in theta's
+        # average as any other process does.
+        scale = images.shape[0] / cfg.data.batch_size
+        bad = torch.zeros((), dtype=torch.bool, device=device)
         for _ in range(t.inner_steps):
             z = latent_net(phi)
             output = engine(z.to(gen_dtype)).float()
             terms = lcm_loss(output, images, t.lap_levels, t.mse_weight)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the loss became {loss.item()} at step {step} on rank {rank} (rows "
-                    f"{rows[:4].tolist()}...); lower the learning rates in the config"
-                )
-            engine.backward(loss)
+            bad |= ~torch.isfinite(loss)  # checked once per batch: no host sync here
+            engine.backward(loss * scale if scale != 1 else loss)
             engine.step()
             with torch.no_grad():
                 phi -= t.lr_phi * phi.grad
                 phi.grad = None
                 clamp_phi_(phi, clamp_mask, cfg.model.clamp)
+        nonfinite, stopping = _agree_after_batch(bad, stop)
+        if nonfinite:
+            failed = distributed.first_failed_rank(bool(bad))
+            if failed != rank:
+                raise distributed.PeerStopped(
+                    f"process {failed} of the run stopped on a non-finite loss at step {step} "
+                    "(its error is above)"
+                )
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at step {step} on rank {rank} (rows "
+                f"{rows[:4].tolist()}...); lower the learning rates in the config"
+            )
         latents.write_rows(rows, phi.detach().cpu())
+        if trace is not None:
+            trace.rows(step, batch.epoch, rows)
         position = (batch.epoch, batch.step_in_epoch + 1)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or stopping:
             _checkpoint(cfg, engine, latents, step, position, num_rows)
+            committed = step
         step_seconds.append(time.perf_counter() - step_start)
 
         # Reporting: loss terms of each batch's last inner step, averaged over the log window
         # (one batch's loss depends mostly on which images it holds; the window mean is the
         # trend).
         window_images += images.shape[0]
-        window_terms += torch.stack([terms["loss"], terms["lap_l1"], terms["mse"]]).detach().cpu()
+        window_terms += torch.stack([terms["loss"], terms["lap_l1"], terms["mse"]]).detach()
         window_steps += 1
-        if step % cfg.log.every_steps == 0 or step == t.max_steps:
-            values = distributed.mean_over_ranks(window_terms / window_steps)
-            window_terms, window_steps = torch.zeros(3), 0
+        if step % cfg.log.every_steps == 0 or step == t.max_steps or stopping:
+            values = distributed.mean_over_ranks(window_terms / window_steps).cpu()
+            window_terms, window_steps = torch.zeros(3, device=device), 0
             elapsed = time.perf_counter() - window_start
             images_per_second = distributed.sum_over_ranks(window_images / max(elapsed, 1e-9))
             last_loss = float(values[0])
@@ -426,6 +498,8 @@ def train(cfg: RunConfig) -> TrainResult:
             window_start, window_images = time.perf_counter(), 0
         else:
             log.progress(step)
+        if stopping:
+            break
         if held_back is not None and step % cfg.log.restore_every_steps == 0:
             grid, hole_psnr = inpainting_preview(
                 engine.module,
@@ -442,17 +516,22 @@ def train(cfg: RunConfig) -> TrainResult:
             log.image(step, "reconstruction", image_grid([images[:n], output[:n].detach()]))
 
     # Write back what is still dirty and commit the end state, then report.
-    if not (cfg.checkpoint.every_steps and t.max_steps % cfg.checkpoint.every_steps == 0):
-        _checkpoint(cfg, engine, latents, t.max_steps, position, num_rows)
+    if committed != step:
+        _checkpoint(cfg, engine, latents, step, position, num_rows)
+    if trace is not None:
+        trace.generator(step, engine.module)
     epoch_io.append(latents.stats())
-    log.scalars(t.max_steps, latents.stats())
+    log.scalars(step, latents.stats())
     latents.close()
     total = time.perf_counter() - run_start
     log.close()
+    if step < t.max_steps:
+        log.message(
+            f"stopped on a stop signal: checkpoint {checkpoint.tag_for(step)} is committed; "
+            "re-run the same command to continue"
+        )
     log.message(
-        f"done: step {t.max_steps} ({len(step_seconds)} batches in {total:.1f}s), "
+        f"done: step {step} ({len(step_seconds)} batches in {total:.1f}s), "
         f"loss {first_loss:.4f} -> {last_loss:.4f}"
     )
-    return TrainResult(
-        t.max_steps, first_loss, last_loss, images_per_second, step_seconds, epoch_io
-    )
+    return TrainResult(step, first_loss, last_loss, images_per_second, step_seconds, epoch_io)

@@ -1,0 +1,183 @@
+"""The life of a training process: the run lock, stop signals, and never outliving the run.
+
+* Preemption. SLURM and Kubernetes send SIGTERM (SLURM's ``--signal`` can send SIGUSR1 ahead of
+  time) and wait a grace period before killing. ``StopSignals`` turns either into a request the
+  training loop honours at the end of the current batch: every process agrees on it, the run
+  commits a checkpoint and exits 0, and re-running the same command continues exactly.
+* Launchers. ``torchrun`` and the deepspeed launcher start the training processes as their
+  children. If a launcher is killed outright (``kill -9``, a lost node agent) nothing tells its
+  children, which would train on unsupervised while a re-run collides with them. A watchdog
+  thread notices when the process's launcher ancestors are gone and ends the process at once,
+  as a crash would (the last commit resumes).
+* Data-loader workers are forked children: they must die with the training process and must
+  not react to the stop signals themselves (the training process decides when to stop).
+* The run lock is a POSIX record lock (``fcntl.lockf``): the kernel drops it when the holding
+  process dies, and unlike ``flock`` a forked child (a loader worker) does not inherit it, so a
+  killed run's orphaned workers cannot keep its folder locked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_PR_SET_PDEATHSIG = 1
+
+
+class RunLockedError(ValueError):
+    """Another process trains in this run folder."""
+
+
+class StopSignals:
+    """Records the first SIGTERM/SIGUSR1 instead of dying; restores the old handlers on close."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            print(
+                f"lcm-dist: {self.received} received; finishing this batch, then checkpointing",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def lock_run_dir(run_dir: str):
+    """Take the exclusive lock on ``<run_dir>/.lock``; returns the open lock file (the lock
+    lasts while it stays open, and ends with the process however it ends). Raises
+    RunLockedError naming the holder if another process has it."""
+    import fcntl
+
+    from lcm_dist.shards import make_folder
+
+    make_folder(run_dir, "run folder")
+    handle = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        by = f" ({holder})" if holder else ""
+        raise RunLockedError(
+            f"another training process{by} is using {run_dir}; wait for it to end or stop it, "
+            "then re-run"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the data loaders: die with the training process, and leave the
+    stop signals to it (a SIGTERM sent to the whole process group would otherwise kill the
+    worker and fail the batch the training process is about to checkpoint after)."""
+    die_with_parent()
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_LAUNCHER_SCRIPTS = {"torchrun", "deepspeed"}
+_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher")
+
+
+def _is_launcher(argv: list[str]) -> bool:
+    """``torchrun ...``, ``deepspeed ...`` (run by a python or not) or ``python -m`` one of
+    their modules."""
+    if any(os.path.basename(a) in _LAUNCHER_SCRIPTS for a in argv[:2]):
+        return True
+    modules = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-m"]
+    return any(m.startswith(_LAUNCHER_MODULES) for m in modules[:1])
+
+
+def _parent_and_command(pid: int) -> tuple[int, list[str]] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    # The command name in stat is parenthesised and may hold spaces: split after its ')'.
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return ppid, [a.decode(errors="replace") for a in argv if a]
+
+
+def launcher_ancestors() -> list[int]:
+    """Pids of the launcher processes above this one (the torchrun agent; the deepspeed
+    launcher and its runner), nearest first; empty for a plain ``python`` run."""
+    found, pid = [], os.getppid()
+    while pid > 1:
+        info = _parent_and_command(pid)
+        if info is None:
+            break
+        ppid, argv = info
+        if not _is_launcher(argv):
+            break
+        found.append(pid)
+        pid = ppid
+    return found
+
+
+def _alive(pid: int) -> bool:
+    info = _parent_and_command(pid)
+    if info is None:
+        return False
+    try:  # a killed process stays a zombie until its parent reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def watch_launchers(interval: float = 0.5) -> list[int]:
+    """End this process if its parent or any launcher above it goes away. Returns the watched
+    pids (empty under plain ``python``, whose parent is a shell)."""
+    watched = launcher_ancestors()
+    if not watched:
+        return []
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            gone = [pid for pid in watched if not _alive(pid)]
+            if os.getppid() != parent or gone:
+                print(
+                    f"lcm-dist: the launcher of this process (pid {(gone or [parent])[0]}) is "
+                    f"gone; process {os.environ.get('RANK', '?')} stops too (re-running the "
+                    "command resumes from the last checkpoint)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(3)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+    return watched
