@@ -15,6 +15,7 @@ import sys
 
 from lcm_dist.cache import StoreIOError
 from lcm_dist.config import add_override_argument, load_config
+from lcm_dist.distributed import PeerStopped
 from lcm_dist.trainer import NonFiniteLossError, train
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ValueError, NonFiniteLossError, StoreIOError) as err:
+    except (ValueError, NonFiniteLossError, StoreIOError, PeerStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

@@ -111,7 +111,7 @@ _LAUNCHER_SCRIPTS = {"torchrun", "deepspeed"}
 _LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher")
 
 
-def _is_launcher(argv: list[str]) -> bool:
+def is_launcher(argv: list[str]) -> bool:
     """``torchrun ...``, ``deepspeed ...`` (run by a python or not) or ``python -m`` one of
     their modules."""
     if any(os.path.basename(a) in _LAUNCHER_SCRIPTS for a in argv[:2]):
@@ -140,7 +140,7 @@ def launcher_ancestors() -> list[int]:
         if info is None:
             break
         ppid, argv = info
-        if not _is_launcher(argv):
+        if not is_launcher(argv):
             break
         found.append(pid)
         pid = ppid

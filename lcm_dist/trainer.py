@@ -322,6 +322,34 @@ def _agree_after_batch(bad: torch.Tensor, stop: lifecycle.StopSignals) -> tuple[
     return bool(nonfinite), bool(stopping)
 
 
+def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_dtype):
+    """``train.inner_steps`` joint SGD updates of the batch's phi (in place: local to this
+    process) and theta (``engine``: DeepSpeed averages its gradient over processes). Returns
+    the last step's loss terms and output, and a device flag set if any loss was not finite
+    (checked by the caller once per batch: no host sync here).
+
+    The loss is scaled by this batch's share of a full batch (``data.batch_size``), so every
+    image gets the same phi step and the same weight in theta's average whatever the size of
+    the batch that holds it: a process dealt fewer images (uneven shards, the end of an
+    epoch) runs smaller batches, not larger steps."""
+    t = cfg.train
+    scale = images.shape[0] / cfg.data.batch_size
+    bad = torch.zeros((), dtype=torch.bool, device=images.device)
+    for _ in range(t.inner_steps):
+        z = latent_net(phi)
+        output = engine(z.to(gen_dtype)).float()
+        terms = lcm_loss(output, images, t.lap_levels, t.mse_weight)
+        loss = terms["loss"]
+        bad |= ~torch.isfinite(loss)
+        engine.backward(loss * scale if scale != 1 else loss)
+        engine.step()
+        with torch.no_grad():
+            phi -= t.lr_phi * phi.grad
+            phi.grad = None
+            clamp_phi_(phi, clamp_mask, cfg.model.clamp)
+    return terms, output, bad
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or continue) the training described by ``cfg``. A SIGTERM or SIGUSR1 ends it
     early, after the current batch and a checkpoint."""
@@ -376,7 +404,8 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
         write_resolved_config(cfg, cfg.run_dir)
         log = RunLogger(cfg.run_dir, cfg.train.max_steps, start_step - 1, cfg.log.progress)
         log.message(
-            f"lcm-dist: {num_rows} images, {world} process(es), phi {phi_layout(cfg.model).size} "
+            f"lcm-dist: {num_rows} images, {world} process(es) of {torch.get_num_threads()} "
+            f"thread(s), phi {phi_layout(cfg.model).size} "
             f"floats/image, generator {count_parameters(generator):,} parameters{resumed_note}"
         )
     else:
@@ -428,24 +457,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
         images = _to_device(batch.images, device)
         phi = _to_device(phi_host, device).requires_grad_(True)
 
-        # Joint SGD on phi (local) and theta (DeepSpeed) for this batch. The loss is scaled by
-        # this batch's share of a full one: a process dealt fewer images (uneven shards, the
-        # end of an epoch) gives each image the same phi step and the same weight in theta's
-        # average as any other process does.
-        scale = images.shape[0] / cfg.data.batch_size
-        bad = torch.zeros((), dtype=torch.bool, device=device)
-        for _ in range(t.inner_steps):
-            z = latent_net(phi)
-            output = engine(z.to(gen_dtype)).float()
-            terms = lcm_loss(output, images, t.lap_levels, t.mse_weight)
-            loss = terms["loss"]
-            bad |= ~torch.isfinite(loss)  # checked once per batch: no host sync here
-            engine.backward(loss * scale if scale != 1 else loss)
-            engine.step()
-            with torch.no_grad():
-                phi -= t.lr_phi * phi.grad
-                phi.grad = None
-                clamp_phi_(phi, clamp_mask, cfg.model.clamp)
+        terms, output, bad = fit_batch(engine, latent_net, phi, images, cfg, clamp_mask, gen_dtype)
         nonfinite, stopping = _agree_after_batch(bad, stop)
         if nonfinite:
             failed = distributed.first_failed_rank(bool(bad))
@@ -455,7 +467,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
                     "(its error is above)"
                 )
             raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {step} on rank {rank} (rows "
+                f"the loss became {terms['loss'].item()} at step {step} on rank {rank} (rows "
                 f"{rows[:4].tolist()}...); lower the learning rates in the config"
             )
         latents.write_rows(rows, phi.detach().cpu())
