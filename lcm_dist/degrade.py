@@ -6,7 +6,10 @@ is the training loss (Laplacian-pyramid L1 + MSE) between A(x_hat) and y, one va
 
 - ``Inpaint(known)``: y = x * known, with ``known`` (B or 1, 1, H, W) 1 on observed pixels and 0
   in the holes. Hole pixels of x_hat are multiplied by 0 before the loss, so they never
-  influence it (their gradient is exactly 0).
+  influence it (their gradient is exactly 0). With ``ring_weight`` and ``ring_width`` the MSE
+  term weighs the observed pixels within ``ring_width`` pixels of a hole (the square
+  neighbourhood) by ``ring_weight`` and the others by 1, as the authors' inpainting does
+  (weight 5 on a 5-pixel ring).
 - ``SuperRes(factor)``: y = factor x factor area averaging (what a camera's larger pixels see).
 - ``Colorize()``: y = luma (ITU-R BT.601), one channel.
 
@@ -49,13 +52,9 @@ class Degradation:
         self, x_hat: torch.Tensor, y: torch.Tensor, levels: int = 4, mse_weight: float = 1.0
     ) -> torch.Tensor:
         """Per-image loss (B,) between A(x_hat) and the observation y."""
-        ax = self(x_hat)
-        # As many pyramid levels as the observation halves evenly into (up to ``levels``).
-        side, usable = min(ax.shape[-2:]), 1
-        while usable < levels and side % 2 == 0:
-            side, usable = side // 2, usable + 1
-        levels = usable
-        return lcm_loss(ax, y, levels, mse_weight, reduction="none")["loss"]
+        return lcm_loss(self(x_hat), y, usable_levels(y, levels), mse_weight, reduction="none")[
+            "loss"
+        ]
 
     def naive(self, y: torch.Tensor) -> torch.Tensor:
         return y
@@ -64,14 +63,35 @@ class Degradation:
         return y
 
 
+def usable_levels(y: torch.Tensor, levels: int) -> int:
+    """As many pyramid terms as the observation y halves evenly into (up to ``levels``)."""
+    side, usable = min(y.shape[-2:]), 1
+    while usable < levels and side % 2 == 0:
+        side, usable = side // 2, usable + 1
+    return usable
+
+
 class Inpaint(Degradation):
     name = "inpaint"
 
-    def __init__(self, known: torch.Tensor, fill: str = "biharmonic"):
+    def __init__(
+        self,
+        known: torch.Tensor,
+        fill: str = "biharmonic",
+        ring_weight: float = 1.0,
+        ring_width: int = 0,
+    ):
         if known.ndim != 4 or known.shape[1] != 1:
             raise ValueError(f"an inpainting mask must be (B, 1, H, W), got {tuple(known.shape)}")
+        if not ring_weight > 0 or ring_width < 0:
+            raise ValueError(
+                f"--ring-weight must be positive and --ring-width >= 0, got {ring_weight} and "
+                f"{ring_width}"
+            )
         self.known = known.float()
         self.fill = fill
+        self.ring_weight = float(ring_weight)
+        self.ring_width = int(ring_width)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.known.to(x.device, x.dtype)
@@ -79,7 +99,27 @@ class Inpaint(Degradation):
     def subset(self, part: slice) -> Degradation:
         if self.known.shape[0] == 1:
             return self
-        return Inpaint(self.known[part], self.fill)
+        return Inpaint(self.known[part], self.fill, self.ring_weight, self.ring_width)
+
+    def pixel_weight(self) -> torch.Tensor | None:
+        """(B or 1, 1, H, W) MSE weights: ``ring_weight`` within ``ring_width`` pixels of a hole
+        (the hole included, where the difference is 0 anyway), 1 elsewhere; None without a
+        ring."""
+        if self.ring_width == 0 or self.ring_weight == 1.0:
+            return None
+        w = self.ring_width
+        near_hole = F.max_pool2d(1 - self.known, 2 * w + 1, stride=1, padding=w)
+        return 1 + (self.ring_weight - 1) * near_hole
+
+    def data_term(
+        self, x_hat: torch.Tensor, y: torch.Tensor, levels: int = 4, mse_weight: float = 1.0
+    ) -> torch.Tensor:
+        weight = self.pixel_weight()
+        if weight is not None:
+            weight = weight.to(x_hat.device, x_hat.dtype)
+        return lcm_loss(
+            self(x_hat), y, usable_levels(y, levels), mse_weight, "none", pixel_weight=weight
+        )["loss"]
 
     def hole(self, batch: int) -> torch.Tensor:
         """(B, 1, H, W) bool: True where pixels are missing."""
@@ -221,6 +261,8 @@ def make_operator(
     factor: int = 4,
     fill: str = "biharmonic",
     seed: int = 0,
+    ring_weight: float = 1.0,
+    ring_width: int = 0,
 ) -> Degradation:
     """The operator of ``task`` for a batch of ``batch`` images of ``size`` pixels. For
     inpainting the hole is one of: a mask file, random boxes, random pixels, or (default) a
@@ -231,6 +273,8 @@ def make_operator(
         raise ValueError(f"--random-pixels must be in [0, 1), got {random_pixels}")
     if box is not None and not 0 < box < 1:
         raise ValueError(f"--box must be in (0, 1), got {box}")
+    if ring_weight != 1.0 and ring_width == 0:
+        raise ValueError("--ring-weight needs --ring-width (the ring's width in pixels)")
     hole_options = [mask is not None, box is not None, random_boxes > 0, random_pixels > 0]
     if task != "inpaint" and any(hole_options):
         raise ValueError("--mask, --box, --random-boxes and --random-pixels are for --task inpaint")
@@ -253,7 +297,9 @@ def make_operator(
             )
         if (per_image < 0.5).all(1).any():
             raise ValueError(f"{where} is all hole in some image; nothing is observed")
-        return Inpaint(known, fill)
+        return Inpaint(known, fill, ring_weight, ring_width)
+    if ring_width:
+        raise ValueError("--ring-weight and --ring-width are for --task inpaint")
     if task == "superres":
         operator = SuperRes(factor)
         if size % factor:

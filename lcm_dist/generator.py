@@ -1,93 +1,87 @@
-"""The shared generator g_theta: an hourglass with skip connections from z to the image.
+"""The shared generator g_theta: the authors' encoder-decoder (EncDecCelebA), at any width.
 
-z (C_z x S x S) goes through an encoder that halves the resolution once per entry of
-``gen_widths``, back up through a decoder that concatenates a 1x1-conv skip from each encoder
-level, then through ``gen_head_widths`` upsampling stages (x2 each) to the image resolution, and
-a final 3x3 conv with a sigmoid. Convolutions carry no bias because each is followed by a
-normalization with a learned per-channel scale and shift.
+z (C_z x S x S) goes down through three 4x4 stride-2 convs to S/8, through three dilated 3x3
+grouped convs (two channels per group) at S/8, then up: the dilated output is concatenated with
+the third encoder level and goes through a 4x4 stride-2 transposed conv, whose output is
+concatenated with the second encoder level for the next one; two more transposed convs reach
+2S, a bilinear x2 upsampling (align_corners=True) reaches 4S, and three 3x3 convs give the
+image through a sigmoid. No layer has a bias; every layer but the last is followed by
+BatchNorm and LeakyReLU(0.2).
 
-The normalization is per image (GroupNorm, up to 16 groups), not BatchNorm: an image's output
-depends on its own z only, never on the rest of its batch, and the generator computes the same
-function in training and when restoring (fitting a fresh phi with the generator frozen), with
-no running statistics to drift. It has the same parameters as BatchNorm (a scale and a shift
-per channel), so the parameter counts are unchanged. The ``paper`` preset (widths 192-384-512-512-1024, skips of 144 channels, heads 32-32)
-has 38,696,224 parameters at 128x128, the size of the reference generator.
+BatchNorm is used as the authors use it: batch statistics while training (``train()``), running
+statistics while restoring (``eval()``), so a restored image does not depend on the other
+images of its batch. The running statistics are buffers of the module and travel with its
+``state_dict``. The ``paper`` preset (widths 256-512-1024, 512-512-256-128, 64-32) has
+38,696,224 parameters at 128x128, and the CPU presets keep the same layers with fewer channels.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lcm_dist.config import ModelConfig
 
-
-def _norm(channels: int) -> nn.Module:
-    """Per-image normalization over groups of channels (up to 16 groups)."""
-    return nn.GroupNorm(math.gcd(channels, 16), channels)
-
-
-def _conv_norm_act(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    return [
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-        _norm(c_out),
-        nn.LeakyReLU(0.2, inplace=True),
-    ]
+SLOPE = 0.2
+"""Negative slope of every LeakyReLU of the generator."""
 
 
 class Generator(nn.Module):
-    """Maps latent tensors z (B, C_z, S, S) to images (B, C, H, W) in [0, 1]."""
+    """Maps latent tensors z (B, C_z, S, S) to images (B, C, 4S, 4S) in [0, 1]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         c_z = cfg.latent_widths[-1]
-        widths = list(cfg.gen_widths)
-        skip = cfg.gen_skip
-        self.down = nn.ModuleList()
-        self.skips = nn.ModuleList()
-        self.up = nn.ModuleList()
-        c_in = c_z
-        for w in widths:
-            # The skip taps the input of each encoder level, at that level's resolution.
-            self.skips.append(nn.Sequential(*_conv_norm_act(c_in, skip, 1)) if skip else None)
-            self.down.append(
-                nn.Sequential(*_conv_norm_act(c_in, w, 3, 2), *_conv_norm_act(w, w, 3))
+        e1, e2, e3 = cfg.gen_encoder_widths
+        d1, d2, d3, d4 = cfg.gen_decoder_widths
+        h1, h2 = cfg.gen_head_widths
+
+        def conv(c_in, c_out, kernel, stride=1, padding=1, dilation=1, groups=1):
+            return nn.Conv2d(
+                c_in, c_out, kernel, stride, padding, dilation, groups=groups, bias=False
             )
-            c_in = w
-        for level in reversed(range(len(widths))):
-            c_out = widths[level - 1] if level > 0 else widths[0]
-            c_cat = c_in + skip
-            self.up.append(
-                nn.Sequential(
-                    _norm(c_cat),
-                    *_conv_norm_act(c_cat, c_out, 3),
-                    *_conv_norm_act(c_out, c_out, 1),
-                )
-            )
-            c_in = c_out
-        heads: list[nn.Module] = []
-        for h in cfg.gen_head_widths:
-            heads += [nn.Upsample(scale_factor=2, mode="nearest"), *_conv_norm_act(c_in, h, 3)]
-            heads += _conv_norm_act(h, h, 3)
-            c_in = h
-        self.head = nn.Sequential(*heads)
-        self.out = nn.Conv2d(c_in, cfg.image_channels, 3, padding=1, bias=False)
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+        def up(c_in, c_out):
+            return nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)
+
+        # Encoder: S -> S/2 -> S/4 -> S/8.
+        self.enc1, self.enc1_bn = conv(c_z, e1, 4, 2), nn.BatchNorm2d(e1)
+        self.enc2, self.enc2_bn = conv(e1, e2, 4, 2), nn.BatchNorm2d(e2)
+        self.enc3, self.enc3_bn = conv(e2, e3, 4, 2), nn.BatchNorm2d(e3)
+        # Three dilated grouped convs at S/8 (two input channels per group).
+        self.mid = nn.ModuleList(
+            conv(e3, e3, 3, padding=2, dilation=2, groups=e3 // 2) for _ in range(3)
+        )
+        self.mid_bn = nn.ModuleList(nn.BatchNorm2d(e3) for _ in range(3))
+        # Decoder: S/8 -> S/4 (with the enc3 skip) -> S/2 (with the enc2 skip) -> S -> 2S.
+        self.dec1, self.dec1_bn = up(e3 + e3, d1), nn.BatchNorm2d(d1)
+        self.dec2, self.dec2_bn = up(d1 + e2, d2), nn.BatchNorm2d(d2)
+        self.dec3, self.dec3_bn = up(d2, d3), nn.BatchNorm2d(d3)
+        self.dec4, self.dec4_bn = up(d3, d4), nn.BatchNorm2d(d4)
+        # Head at 4S, after bilinear upsampling.
+        self.head1, self.head1_bn = conv(d4, h1, 3), nn.BatchNorm2d(h1)
+        self.head2, self.head2_bn = conv(h1, h2, 3), nn.BatchNorm2d(h2)
+        self.out = conv(h2, cfg.image_channels, 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        taps = []
-        x = z
-        for down, skip in zip(self.down, self.skips, strict=True):
-            taps.append(skip(x) if skip is not None else None)
-            x = down(x)
-        for up, tap in zip(self.up, reversed(taps), strict=True):
-            x = self.upsample(x)
-            if tap is not None:
-                x = torch.cat([x, tap], dim=1)
-            x = up(x)
-        return torch.sigmoid(self.out(self.head(x)))
+        def block(layer, norm, x):
+            return F.leaky_relu(norm(layer(x)), SLOPE)
+
+        x1 = block(self.enc1, self.enc1_bn, z)
+        x2 = block(self.enc2, self.enc2_bn, x1)
+        x3 = block(self.enc3, self.enc3_bn, x2)
+        x = x3
+        for layer, norm in zip(self.mid, self.mid_bn, strict=True):
+            x = block(layer, norm, x)
+        x = block(self.dec1, self.dec1_bn, torch.cat([x, x3], 1))
+        x = block(self.dec2, self.dec2_bn, torch.cat([x, x2], 1))
+        x = block(self.dec3, self.dec3_bn, x)
+        x = block(self.dec4, self.dec4_bn, x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        x = block(self.head1, self.head1_bn, x)
+        x = block(self.head2, self.head2_bn, x)
+        return torch.sigmoid(self.out(x))
 
 
 def count_parameters(module: nn.Module) -> int:

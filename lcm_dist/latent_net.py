@@ -7,13 +7,20 @@ single grouped convolution per layer, so the cost is one kernel per layer instea
 loop over images. ``LatentNet`` is the plain per-image ``nn.Module`` it must agree with.
 
 Layout of a phi row, layer by layer: conv weight (C_out, C_in, 3, 3), then for every layer but
-the last the normalisation's scale (C_out) and shift (C_out). The paper's per-image BatchNorm
-over a batch of one image normalises each channel over its spatial extent, which is instance
-normalisation with per-image affine parameters; that is what is computed here.
+the last the normalisation's scale (C_out) and shift (C_out). Every layer, the last included,
+ends in a LeakyReLU; the last has no normalisation. The authors' per-image BatchNorm in train
+mode over a batch of one image normalises each channel over its spatial extent, which is
+instance normalisation with per-image affine parameters; that is what is computed here.
+
+Every phi starts from the same vector: the parameters of ``LatentNet`` built under
+``torch.manual_seed(phi_init_seed)`` (PyTorch's default conv init, uniform within
++-1/sqrt(fan_in), well beyond the clamp; normalisation scale 1, shift 0), as the authors build
+every image's net. The first clamp after the first step brings the conv weights into range.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,20 +96,18 @@ def make_noise(cfg: ModelConfig) -> torch.Tensor:
 
 
 def initial_phi(cfg: ModelConfig) -> torch.Tensor:
-    """The (P,) vector every image's phi starts from: conv weights uniform in [-clamp, clamp],
-    normalisation scales 1 and shifts 0, drawn from ``phi_init_seed``."""
-    layout = phi_layout(cfg)
+    """The (P,) vector every image's phi starts from: the parameters of a ``LatentNet`` as
+    PyTorch initialises it right after ``torch.manual_seed(phi_init_seed)`` (its conv layers
+    draw their weights in order, the normalisations draw nothing), computed from a private
+    generator so that the global random state is untouched."""
     gen = torch.Generator().manual_seed(cfg.phi_init_seed)
-    phi = torch.empty(layout.size)
-    for s in layout.slices:
-        view = phi[s.offset : s.offset + s.size]
-        if s.clamped:
-            view.uniform_(-cfg.clamp, cfg.clamp, generator=gen)
-        elif s.name.endswith(".weight"):
-            view.fill_(1.0)
-        else:
-            view.fill_(0.0)
-    return phi
+    net = LatentNet(cfg)
+    with torch.no_grad():
+        for layer in net.net:
+            if isinstance(layer, nn.Conv2d):
+                # What nn.Conv2d.reset_parameters does (uniform within +-1/sqrt(fan_in)).
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=gen)
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
 def clamp_phi_(phi: torch.Tensor, mask: torch.Tensor, clamp: float) -> torch.Tensor:
@@ -143,7 +148,7 @@ class BatchedLatentNet(nn.Module):
                     params[f"norm{i}.bias"].reshape(-1),
                     NORM_EPS,
                 )
-                x = F.leaky_relu(x, self.slope)
+            x = F.leaky_relu(x, self.slope)
             c_in = c_out
         return x.reshape(b, c_in, x.shape[-2], x.shape[-1])
 
@@ -160,7 +165,7 @@ class LatentNet(nn.Module):
             if i < len(cfg.latent_widths) - 1:
                 # Batch statistics of a batch of one image: normalisation over space.
                 layers.append(nn.BatchNorm2d(c_out, eps=NORM_EPS, track_running_stats=False))
-                layers.append(nn.LeakyReLU(cfg.leaky_slope))
+            layers.append(nn.LeakyReLU(cfg.leaky_slope))
             c_in = c_out
         self.net = nn.Sequential(*layers)
 

@@ -2,7 +2,8 @@
 
 ``load_model`` opens an export (``lcm_dist.export``); ``fit_phi`` fits one phi per image of a
 batch at once (the batched latent nets), so many images restore in parallel and each image's
-fit is independent of the others (per-image loss, per-image normalization everywhere).
+fit is independent of the others (per-image loss, per-image normalization in the latent nets,
+and the generator in eval mode: its BatchNorm uses the running statistics of training).
 """
 
 from __future__ import annotations
@@ -200,6 +201,22 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
         help="a fraction F of pixels missing",
     )
     parser.add_argument(
+        "--ring-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="inpainting: weight of the MSE term on the observed pixels near a hole (the authors "
+        "use 5; %(default)s)",
+    )
+    parser.add_argument(
+        "--ring-width",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="inpainting: how far from a hole --ring-weight applies, in pixels (the authors use "
+        "5; %(default)s)",
+    )
+    parser.add_argument(
         "--factor", type=int, default=4, help="super-resolution factor 2, 4 or 8 (%(default)s)"
     )
     parser.add_argument(
@@ -255,6 +272,8 @@ def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
         random_pixels=args.random_pixels,
         factor=args.factor,
         seed=args.seed,
+        ring_weight=args.ring_weight,
+        ring_width=args.ring_width,
         **extra,
     )
 
@@ -386,8 +405,9 @@ def inpainting_preview(
     loss: dict,
 ) -> tuple[torch.Tensor, float]:
     """Inpaint a centred half-size hole in ``images`` with the generator as it is now (its
-    parameters are left untouched: no gradient reaches them); returns (grid of clean / masked /
-    restored rows, mean PSNR over the holes)."""
+    parameters are left untouched: no gradient reaches them, and it runs in eval mode, on its
+    BatchNorm running statistics, as restoration does; its train/eval mode is put back after);
+    returns (grid of clean / masked / restored rows, mean PSNR over the holes)."""
     from lcm_dist.degrade import Inpaint, box_mask
     from lcm_dist.evaluate import psnr
     from lcm_dist.latent_net import initial_phi
@@ -395,8 +415,10 @@ def inpainting_preview(
 
     params = list(generator.parameters())
     flags = [p.requires_grad for p in params]
+    was_training = generator.training
     for p in params:
         p.requires_grad_(False)
+    generator.eval()
     try:
         device = params[0].device
         preview = RestorationModel(
@@ -406,6 +428,7 @@ def inpainting_preview(
         images = images.to(device)
         restored, _ = fit_phi(preview, op(images), op, iterations=iterations)
     finally:
+        generator.train(was_training)
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
     hole = op.hole(images.shape[0])[:, 0].cpu()

@@ -30,7 +30,7 @@ def test_minimal_config_fills_preset(tmp_path):
     cfg = load_config(write(tmp_path, BASE))
     assert cfg.model.preset == "demo32"
     assert cfg.model.image_size == 32
-    assert cfg.model.gen_widths == (64, 128, 256)
+    assert cfg.model.gen_encoder_widths == (64, 128, 256)
     assert cfg.train.inner_steps == 50
 
 
@@ -49,7 +49,10 @@ def test_paper_preset(tmp_path):
         ({"train": {}}, "missing required config key 'train.max_steps'"),
         ({"model": {"preset": "huge"}}, "'model.preset'"),
         ({"model": {"latent_widths": [8, "x"]}}, "'model.latent_widths[1]'"),
-        ({"model": {"image_size": 48}}, "'model.image_size' (48)"),
+        ({"model": {"image_size": 48}}, "'model.image_size' (48) must be 4 times"),
+        ({"model": {"noise_size": 20}}, "latent grid side 12 (model.noise_size"),
+        ({"model": {"gen_head_widths": [16]}}, "'model.gen_head_widths' must list 2"),
+        ({"model": {"gen_encoder_widths": [8, 8, 9]}}, "end in an even width"),
         ({"data": {"shards": "s", "batch_size": -1}}, "'data.batch_size'"),
         ({"data": {"batch_size": 4}}, "'data.shards' must name"),
         (

@@ -108,6 +108,7 @@ def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, dem
     assert sum(np.prod(s["shape"]) for s in attrs["phi_layout"]) == attrs["phi_size"]
     net, gen = BatchedLatentNet(model), Generator(model)
     gen.load_state_dict({k: torch.from_numpy(data["gen." + k]) for k in weights})
+    gen.eval()  # restoration uses the running statistics of training
     loader = ShardLoader(str(demo_shards), batch_size=64, num_workers=0, image_size=32)
     batch = next(iter(loader))
     latents = torch.from_numpy(data["latents"])

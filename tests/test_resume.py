@@ -197,10 +197,10 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     pointer = (run_dir / "latest.json").read_text()
 
     # A config whose model differs from the checkpoint's.
-    proc = train_more(cfg, "train.max_steps=18", "model.gen_skip=8")
+    proc = train_more(cfg, "train.max_steps=18", "model.gen_head_widths=[16,4]")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the config's model differs from the one checkpointed" in proc.stderr
-    assert "gen_skip: checkpoint 16 vs config 8" in proc.stderr
+    assert "gen_head_widths: checkpoint [16, 8] vs config [16, 4]" in proc.stderr
 
     def resume_with(*sets, env=None):
         return train_more(cfg, "train.max_steps=18", *sets, env=env)

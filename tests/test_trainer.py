@@ -72,7 +72,7 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
         cfg_path, "--set", "model.phi_init_seed=5", "--set", f"run_dir={tmp_path / 'run2'}"
     )
     assert proc.returncode == 2
-    assert f"latent store {url} was made for another model (phi_init_seed: store 0" in proc.stderr
+    assert f"latent store {url} was made for another model (phi_init_seed: store 42" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "latents.zarr").rglob("*")} == before
 
