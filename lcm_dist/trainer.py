@@ -266,6 +266,12 @@ def _start_position(cfg: RunConfig, engine, commit: checkpoint.Commit | None):
         return 1, 0, 0, ""
     world = distributed.world_size()
     same_world = commit.state["world_size"] == world
+    if not same_world and engine.zero_optimization_stage() == 3:
+        raise checkpoint.CheckpointError(
+            f"the run in {cfg.run_dir} was checkpointed by {commit.state['world_size']} "
+            f"processes under ZeRO stage 3, which partitions the weights per process; resume "
+            f"it with {commit.state['world_size']} processes (stages 0-2 resume with any number)"
+        )
     with_optimizer = checkpoint.load_engine(engine, commit, same_world)
     epoch, batch = commit.state["epoch"], commit.state["batch_in_epoch"]
     plan = _data_plan(cfg)
@@ -392,6 +398,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     latent_net = BatchedLatentNet(cfg.model).to(device)
     clamp_mask = latent_net.mask
     generator = Generator(cfg.model)
+    num_parameters = count_parameters(generator)  # before ZeRO-3 partitions them
     engine, _, _, _ = deepspeed.initialize(
         model=generator, model_parameters=generator.parameters(), config=deepspeed_config(cfg)
     )
@@ -406,7 +413,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
         log.message(
             f"lcm-dist: {num_rows} images, {world} process(es) of {torch.get_num_threads()} "
             f"thread(s), phi {phi_layout(cfg.model).size} "
-            f"floats/image, generator {count_parameters(generator):,} parameters{resumed_note}"
+            f"floats/image, generator {num_parameters:,} parameters{resumed_note}"
         )
     else:
         log = NullLogger()
