@@ -406,6 +406,11 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     engine.checkpoint_engine = checkpoint.SafeCheckpointEngine(engine._config)
     start_step, start_epoch, start_batch, resumed_note = _start_position(cfg, engine, commit)
     gen_dtype = next(engine.module.parameters()).dtype
+    # Under bf16 DeepSpeed casts the parameters but, with ZeRO, leaves the buffers fp32;
+    # BatchNorm needs its running statistics in its weights' dtype.
+    for buffer in engine.module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(gen_dtype)
 
     if distributed.is_main():
         write_resolved_config(cfg, cfg.run_dir)

@@ -1,0 +1,86 @@
+"""Mixed precision and ZeRO stages: bf16 keeps fp32 weights in checkpoints, fp16 is refused,
+ZeRO-3 trains and resumes with its own world size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcm_dist.checkpoint import find_latest
+from lcm_dist.config import load_config
+from tests.conftest import PYTHON, free_port, run_config, run_script
+from tests.test_resume import run, train_more
+
+
+def torchrun(n: int) -> list[str]:
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n)] + [
+        "--master_port",
+        str(free_port()),
+    ]
+
+
+def test_fp16_is_refused_before_anything_is_written(tmp_path, demo_shards):
+    cfg = run_config(tmp_path, demo_shards, deepspeed={"fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="'deepspeed.fp16.enabled' is true, but fp16 is not"):
+        load_config(str(cfg))
+    proc = run_script("launch/train.py", "--config", str(cfg))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "use deepspeed.bf16" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _config(tmp_path, shards, **deepspeed):
+    return run_config(
+        tmp_path,
+        shards,
+        train={"max_steps": 6, "inner_steps": 2},
+        checkpoint={"every_steps": 3},
+        log={"every_steps": 3, "image_every_steps": 0},
+        deepspeed={"optimizer": {"type": "SGD", "params": {"lr": 0.1}}, **deepspeed},
+    )
+
+
+@pytest.mark.dist
+def test_bf16_checkpoints_hold_fp32_weights_and_resume_on_another_world_size(tmp_path, demo_shards):
+    cfg = _config(tmp_path, demo_shards, bf16={"enabled": True}, zero_optimization={"stage": 2})
+    code, out = run(cfg, torchrun(2))
+    assert code == 0, out[-3000:]
+    from safetensors.torch import load_file
+
+    commit = find_latest(tmp_path / "run")
+    weights = load_file(str(commit.folder / "generator.safetensors"))
+    floats = [w for w in weights.values() if w.is_floating_point()]
+    assert floats and all(w.dtype == torch.float32 for w in floats)
+    # The optimizer's fp32 masters, not an upcast of the bf16 copy: most values carry bits
+    # that bf16 has no room for.
+    finer = sum(int((w != w.bfloat16().float()).sum()) for w in floats)
+    assert finer > sum(w.numel() for w in floats) // 2
+    # One process now: ZeRO-2's optimizer state stays behind, and the fp32 weights come back
+    # from the checkpoint exactly (the resume checks them against generator.safetensors).
+    proc = train_more(cfg, "train.max_steps=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "resuming from step-00000006 (2 -> 1 processes, optimizer state reset" in out
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 8
+
+
+@pytest.mark.dist
+def test_zero3_trains_and_resumes_with_its_own_world_size_only(tmp_path, demo_shards):
+    cfg = _config(tmp_path, demo_shards, zero_optimization={"stage": 3})
+    code, out = run(cfg, torchrun(2))
+    assert code == 0, out[-3000:]
+    assert "generator 0 parameters" not in out  # counted before ZeRO-3 partitions them
+    proc = train_more(cfg, "train.max_steps=8", launcher=torchrun(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from step-00000006 (2 -> 2 processes)" in proc.stdout + proc.stderr
+    proc = train_more(cfg, "train.max_steps=10")
+    assert proc.returncode == 2
+    assert (
+        "was checkpointed by 2 processes under ZeRO stage 3, which partitions the weights per "
+        "process; resume it with 2 processes" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
