@@ -76,7 +76,9 @@ def run(args) -> dict:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
     settle_fit_arguments(args)
     make_folder(args.out, "output folder")  # before the fits, not after
-    model = load_model(args.model, parse_options(args.model_options, "--model-options"))
+    model = load_model(
+        args.model, parse_options(args.model_options, "--model-options"), args.device
+    )
     size = model.image_size
     clean, names = load_images(args.images, size)
     operator = operator_from_args(args, size, clean.shape[0], fill=args.fill)
@@ -96,6 +98,7 @@ def run(args) -> dict:
             lr=args.dip_lr,
             seed=args.seed,
             progress=bar,
+            device=args.device,
         )
         if bar is not None:
             bar.close()

@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if restoring and (args.task is None or not args.images):
             parser.error("give --task and images to restore (or --reconstruct)")
         settle_fit_arguments(args, restoring)
-        model = load_model(args.model, parse_options(args.model_options, "--model-options"))
+        model = load_model(
+            args.model, parse_options(args.model_options, "--model-options"), args.device
+        )
         make_folder(args.out, "output folder")
         if args.reconstruct:
             rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))

@@ -84,9 +84,10 @@ def dip_restore(
     channels: tuple[int, ...] = (128, 128, 128, 128, 128),
     seed: int = 0,
     progress=None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, float]:
-    """Restore each observation (B, C, h, w) with its own DIP network, one after the other;
-    returns (images (B, 3, size, size), seconds)."""
+    """Restore each observation (B, C, h, w) with its own DIP network, one after the other,
+    on ``device``; returns (images (B, 3, size, size) on the CPU, seconds)."""
     # Small images get fewer levels: the coarsest stays at least 4x4 (BatchNorm of one image
     # needs more than one value per channel).
     channels = tuple(channels[: max(1, int(math.log2(size)) - 2)])
@@ -94,12 +95,12 @@ def dip_restore(
     outputs = []
     for i in range(observed.shape[0]):
         gen = torch.Generator().manual_seed(seed + i)
-        z = torch.rand(1, input_channels, size, size, generator=gen) * 0.1
+        z = (torch.rand(1, input_channels, size, size, generator=gen) * 0.1).to(device)
         torch.manual_seed(seed + i)
-        net = SkipNet(input_channels, 3, channels)
+        net = SkipNet(input_channels, 3, channels).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
-        y = observed[i : i + 1]
-        op = operator.subset(slice(i, i + 1))
+        y = observed[i : i + 1].to(device)
+        op = operator.subset(slice(i, i + 1)).to(device)
         for _ in range(iterations):
             opt.zero_grad(set_to_none=True)
             z_in = z + reg_noise_std * torch.randn_like(z) if reg_noise_std else z
@@ -109,5 +110,5 @@ def dip_restore(
             if progress is not None:
                 progress.update(1)
         with torch.no_grad():  # BatchNorm of a batch of one, as fitted (DIP never uses eval)
-            outputs.append(net(z).clamp(0, 1))
+            outputs.append(net(z).clamp(0, 1).cpu())
     return torch.cat(outputs), time.perf_counter() - start

@@ -115,7 +115,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order and every other random stream of the run."""
     deterministic: bool = False
-    """Use deterministic torch kernels (slower; for bitwise reproducibility tests)."""
+    """Use deterministic torch kernels (slower; bitwise reproducible on CPUs, best effort on
+    GPUs, where bilinear upsampling's backward has no deterministic kernel)."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ class Degradation:
         """The operator for images ``part`` of the batch (masks may differ per image)."""
         return self
 
+    def to(self, device: torch.device | str) -> Degradation:
+        """The operator with its tensors (masks) on ``device``."""
+        return self
+
     def data_term(
         self, x_hat: torch.Tensor, y: torch.Tensor, levels: int = 4, mse_weight: float = 1.0
     ) -> torch.Tensor:
@@ -100,6 +104,9 @@ class Inpaint(Degradation):
         if self.known.shape[0] == 1:
             return self
         return Inpaint(self.known[part], self.fill, self.ring_weight, self.ring_width)
+
+    def to(self, device: torch.device | str) -> Degradation:
+        return Inpaint(self.known.to(device), self.fill, self.ring_weight, self.ring_width)
 
     def pixel_weight(self) -> torch.Tensor | None:
         """(B or 1, 1, H, W) MSE weights: ``ring_weight`` within ``ring_width`` pixels of a hole

@@ -72,9 +72,20 @@ class RestorationModel:
     def loss(self) -> dict:
         return {"levels": 4, "mse_weight": 1.0, **self.attrs.get("loss", {})}
 
+    @property
+    def device(self) -> torch.device:
+        return self.initial_phi.device
+
+    def to(self, device: torch.device | str) -> RestorationModel:
+        """Move the generator, the latent nets and the initial phi to ``device``."""
+        self.generator.to(device)
+        self.net.to(device)
+        self.initial_phi = self.initial_phi.to(device)
+        return self
+
     def render(self, phi: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) from phi rows (B, P)."""
-        return self.generator(self.net(phi))
+        return self.generator(self.net(phi.to(self.device)))
 
     def row_of(self, key_or_row: str | int) -> int:
         """The row of a training image given its row number or its key."""
@@ -104,12 +115,18 @@ class RestorationModel:
             if not torch.isfinite(row).all():  # a missing chunk reads as NaN
                 raise ExportError(f"export {self.url}: the latents of row {r} are missing")
         with torch.no_grad():
-            return self.render(phi)
+            return self.render(phi).cpu()
 
 
-def load_model(url: str, storage_options: dict | None = None) -> RestorationModel:
-    """Open an export and rebuild its frozen generator and latent nets, checking that the
-    pieces fit together."""
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    url: str, storage_options: dict | None = None, device: str | None = None
+) -> RestorationModel:
+    """Open an export and rebuild its frozen generator and latent nets on ``device`` (default:
+    the GPU if there is one), checking that the pieces fit together."""
     import fsspec
     from safetensors.torch import load as load_safetensors
 
@@ -175,7 +192,10 @@ def load_model(url: str, storage_options: dict | None = None) -> RestorationMode
         if not torch.isfinite(value).all() or not value.any():
             raise ExportError(f"export {url}: array {name!r} is empty or damaged; export again")
     net.noise.copy_(noise)
-    return RestorationModel(url, attrs, model, generator, net, initial, group, storage_options)
+    restoration = RestorationModel(
+        url, attrs, model, generator, net, initial, group, storage_options
+    )
+    return restoration.to(device or default_device())
 
 
 def add_fit_arguments(parser, *, task_required: bool) -> None:
@@ -185,6 +205,11 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
 
     parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
     parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
+    parser.add_argument(
+        "--device",
+        default=default_device(),
+        help="where to fit: cpu, cuda or cuda:N (default: %(default)s, the GPU if there is one)",
+    )
     parser.add_argument(
         "--task", required=task_required, choices=TASKS, help="the degradation to undo"
     )
@@ -253,6 +278,19 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
             f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
             f"{args.batch_size}"
         )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"--device {args.device}: this machine has {torch.cuda.device_count()} usable CUDA "
+            "device(s); use cpu"
+        )
     if restoring:
         args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
 
@@ -293,8 +331,10 @@ def fit_phi(
     (``fit_settings``).
 
     Each image's loss is its own data term (summed over the batch, so the images do not
-    interact); phi's conv weights are clamped after every step as in training."""
+    interact); phi's conv weights are clamped after every step as in training. The fit runs on
+    the model's device; the results come back to the CPU."""
     name, lr = fit_settings(operator.name, optimizer, lr)
+    observed, operator = observed.to(model.device), operator.to(model.device)
     b = observed.shape[0]
     phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)
     optimizer = torch.optim.SGD([phi], lr=lr) if name == "sgd" else torch.optim.Adam([phi], lr=lr)
@@ -308,7 +348,7 @@ def fit_phi(
         if on_step is not None:
             on_step(it, per_image.detach())
     with torch.no_grad():
-        return model.render(phi).clamp(0, 1), phi.detach()
+        return model.render(phi).clamp(0, 1).cpu(), phi.detach().cpu()
 
 
 def iteration_bar(total: int, desc: str):

@@ -376,7 +376,11 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     device = distributed.device()
     torch.manual_seed(cfg.train.seed + rank)
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            # cuBLAS is deterministic only with a fixed workspace; the generator's bilinear
+            # upsampling has no deterministic CUDA backward, so on GPUs this is best effort.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
 
     # Data, run lock, newest commit; then the latent table.
     # run_lock is held until this function returns.
