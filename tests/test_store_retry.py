@@ -224,3 +224,26 @@ def test_a_store_that_stops_answering_is_reported_not_a_silent_stall(faulty_s3, 
         in (warnings[0])
     )
     cache.close()
+
+
+def test_an_export_to_a_failing_endpoint_equals_a_clean_export(
+    faulty_s3, tmp_path, trained_run, trained_export
+):
+    import fsspec
+    import zarr
+
+    from lcm_dist.export import export_run, open_export
+
+    proxy, prefix, options = faulty_s3
+    url = f"{prefix}/{tmp_path.name}/model.zarr"
+    proxy.fail_fraction = 0.2
+    export_run(trained_run, url, storage_options=options, progress=False)
+    assert proxy.counts["internal"] and proxy.counts["slowdown"] and proxy.counts["drop"]
+    proxy.fail_fraction = 0.0
+    got, attrs = open_export(url, options)
+    want = zarr.open_group(str(trained_export), mode="r")
+    assert attrs == dict(want.attrs) and attrs["complete"]
+    for name in ("latents", "keys", "noise", "initial_phi"):
+        np.testing.assert_array_equal(got[name][:], want[name][:])
+    with fsspec.open(f"{url}/generator.safetensors", "rb", **options) as f:
+        assert f.read() == (trained_export / "generator.safetensors").read_bytes()
