@@ -16,6 +16,7 @@ import sys
 
 from lcm_dist.config import parse_options
 from lcm_dist.export import export_run
+from lcm_dist.store_retry import StoreIOError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except ValueError as err:
+    except (ValueError, StoreIOError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -11,10 +11,16 @@ memory stays under ``budget_bytes`` however large the store is.
 If the budget is too small for the chunks in flight, clean chunks furthest in the future are
 dropped first; a dirty chunk that must leave early is written back (to the uncommitted slot)
 and read again when needed: correct, only slower.
+
+The background reads and writes retry transient store errors (``LatentStore.retry``). While
+they do, a step that needs their chunk waits; instead of waiting silently, it prints a warning
+naming the chunk, the store and how long it has waited, every ``stall_warning_seconds``. When
+the retries run out the step raises ``StoreIOError`` and no further I/O is started.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +30,9 @@ import numpy as np
 import torch
 
 from lcm_dist.latent_store import LatentStore
+from lcm_dist.store_retry import StoreIOError, StoreUnavailableError
 
-
-class StoreIOError(RuntimeError):
-    """Reading or writing a chunk of the latent store failed in a background thread."""
+__all__ = ["StoreIOError", "WriteBackCache"]
 
 
 @dataclass
@@ -49,8 +54,12 @@ class WriteBackCache:
         budget_bytes: int,
         io_threads: int = 2,
         prefetch_chunks: int = 64,
+        stall_warning_seconds: float | None = None,
     ):
         self.store = store
+        self.stall_warning_seconds = (
+            store.stall_warning_seconds if stall_warning_seconds is None else stall_warning_seconds
+        )
         self.rows_per_chunk = store.rows_per_chunk
         self.phi_size = store.phi_size
         self.budget = int(budget_bytes)
@@ -66,6 +75,8 @@ class WriteBackCache:
         self._entries: dict[int, _Entry] = {}
         self._resident = 0
         self._error: str | None = None
+        self._abort = threading.Event()  # set on the first I/O error: start no more I/O
+        self._stall: tuple[float, float] = (0.0, 0.0)  # (wait began, next warning after)
         self.peak_resident = 0
         self.wait_seconds = 0.0
         self._order: list[int] = []
@@ -113,8 +124,9 @@ class WriteBackCache:
             for chunk, entry in self._entries.items():
                 if entry.state == "ready" and entry.dirty:
                     self._start_write(chunk, drop=False)
-            while any(e.state != "ready" for e in self._entries.values()):
-                self._wait()
+            began = time.monotonic()
+            while busy := [c for c, e in self._entries.items() if e.state != "ready"]:
+                self._wait(began, busy[0])
             self._check()
         self.wait_seconds += time.perf_counter() - start
 
@@ -203,6 +215,7 @@ class WriteBackCache:
             "store/bytes_written": c.bytes_written,
             "store/chunk_reads": c.chunk_reads,
             "store/chunk_writes": c.chunk_writes,
+            "store/retries": c.retries,
             "store/io_wait_seconds": self.wait_seconds,
             "store/resident_bytes": self._resident,
             "store/peak_resident_bytes": self.peak_resident,
@@ -235,9 +248,40 @@ class WriteBackCache:
         if self._error is not None:
             raise StoreIOError(self._error)
 
-    def _wait(self) -> None:
-        self._cond.wait(timeout=1.0)
+    def _wait(self, began: float, chunk: int) -> None:
+        """Wait for news from the I/O threads; warn if the step has now waited, since
+        ``began``, for ``stall_warning_seconds`` (again every as many seconds)."""
+        every = self.stall_warning_seconds
+        self._cond.wait(timeout=min(1.0, every or 1.0))
         self._check()
+        if not every:
+            return
+        first, due = self._stall
+        if first != began:
+            first, due = began, began + every
+        now = time.monotonic()
+        if now >= due:
+            self._warn_stall(now - began, chunk)
+            due = now + every
+        self._stall = (first, due)
+
+    def _warn_stall(self, waited: float, chunk: int) -> None:
+        entry = self._entries.get(chunk)
+        doing = {"loading": "reading it", "writing": "writing it back"}.get(
+            entry.state if entry else "", "making room for it"
+        )
+        last = self.store.last_error
+        if last is not None and time.monotonic() - last[0] < waited + 1.0:
+            news = f"the store's last error, {time.monotonic() - last[0]:.0f} s ago: {last[1]}"
+        else:
+            news = "no error from the store yet: it is slow or not answering"
+        print(
+            f"lcm-dist: waiting {waited:.0f} s for chunk {chunk} of latent store "
+            f"{self.store.url} ({doing}; {news}); retrying for up to "
+            f"{self.store.retry.seconds:.0f} s before stopping",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _reserve(self, chunk: int) -> _Entry:
         entry = _Entry(self._nbytes(chunk))
@@ -253,6 +297,7 @@ class WriteBackCache:
     def _make_room(self, nbytes: int, keep: set[int]) -> bool:
         """Free memory until ``nbytes`` more fit; returns whether it had to wait."""
         waited = False
+        began = time.monotonic()
         while self._resident + nbytes > self.budget:
             victims = [
                 c
@@ -267,13 +312,15 @@ class WriteBackCache:
             if victims:
                 self._start_write(max(victims, key=far), drop=True)
             waited = True
-            self._wait()
+            writing = [c for c, e in self._entries.items() if e.state != "ready"]
+            self._wait(began, writing[0] if writing else min(keep, default=-1))
         return waited
 
     def _acquire(self, chunk: int, keep: set[int]) -> bool:
         """Make ``chunk`` resident and ready, loading it if it is absent and keeping it if it
         was being written back to leave; returns whether it had to wait."""
         waited = False
+        began = time.monotonic()
         while True:
             entry = self._entries.get(chunk)
             if entry is None:
@@ -285,21 +332,32 @@ class WriteBackCache:
                 return waited
             entry.drop_after_write = False  # needed again: stay once written
             waited = True
-            self._wait()
+            self._wait(began, chunk)
 
     def _start_load(self, chunk: int) -> None:
         self._reserve(chunk)
         self._pool.submit(self._load, chunk)
 
-    def _load(self, chunk: int) -> None:
-        try:
-            data = self.store.read_chunk(chunk)
-        except Exception as err:  # reported to the step's thread
-            with self._cond:
+    def _fail(self, err: Exception, what: str) -> None:
+        """Report an I/O thread's error to the step's thread (the first one wins) and stop
+        starting or retrying other I/O: the run is ending."""
+        with self._cond:
+            if self._error is None:
                 self._error = (
-                    f"reading chunk {chunk} of latent store {self.store.url} failed: {err}"
+                    str(err)
+                    if isinstance(err, StoreUnavailableError)
+                    else f"{what} of latent store {self.store.url} failed: {err}"
                 )
-                self._cond.notify_all()
+            self._abort.set()
+            self._cond.notify_all()
+
+    def _load(self, chunk: int) -> None:
+        if self._abort.is_set():
+            return
+        try:
+            data = self.store.read_chunk(chunk, abort=self._abort)
+        except Exception as err:
+            self._fail(err, f"reading chunk {chunk}")
             return
         with self._cond:
             entry = self._entries[chunk]
@@ -313,14 +371,12 @@ class WriteBackCache:
         self._pool.submit(self._write, chunk, entry.data)
 
     def _write(self, chunk: int, data: np.ndarray) -> None:
+        if self._abort.is_set():
+            return
         try:
-            self.store.write_chunk(chunk, data)
+            self.store.write_chunk(chunk, data, abort=self._abort)
         except Exception as err:
-            with self._cond:
-                self._error = (
-                    f"writing chunk {chunk} of latent store {self.store.url} failed: {err}"
-                )
-                self._cond.notify_all()
+            self._fail(err, f"writing chunk {chunk}")
             return
         with self._cond:
             entry = self._entries[chunk]

@@ -142,7 +142,17 @@ class StoreConfig:
     prefetch_chunks: int = 64
     """How many chunks ahead of the current position the cache may read (budget permitting)."""
     storage_options: dict = field(default_factory=dict)
-    """fsspec options for the store URL (e.g. endpoint_url, key, secret for s3)."""
+    """fsspec options for the store URL (e.g. endpoint_url, key, secret for s3). For s3://,
+    config_kwargs defaults to 5 s connect and 15 s read timeouts and no botocore retries."""
+    retries: int = 10
+    """Retries of a store read or write that failed with a transient error (lost or refused
+    connection, timeout, HTTP 5xx, throttling); waits double from 0.5 s up to 20 s; 0 = none."""
+    retry_seconds: float = 120.0
+    """Seconds after which a store operation that keeps failing stops retrying and the run
+    stops with an error (it resumes from its last checkpoint); opening a store: at most 15 s."""
+    stall_warning_seconds: float = 30.0
+    """Warn on stderr when a step has waited this many seconds for the store, and again every
+    as many seconds while it waits; 0 = never."""
     in_ram: bool = False
     """Keep all latents in RAM instead (no store, nothing saved): small datasets, benchmarks."""
 
@@ -455,6 +465,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"config key 'store.codec' is {st.codec!r}; use none, zstd or blosc")
     if st.dtype not in ("float32", "float16"):
         raise ValueError(f"config key 'store.dtype' is {st.dtype!r}; use float32 or float16")
+    if st.retries < 0 or st.retry_seconds < 0 or st.stall_warning_seconds < 0:
+        raise ValueError(
+            "config keys 'store.retries', 'store.retry_seconds' and "
+            "'store.stall_warning_seconds' must be >= 0"
+        )
     if st.cache_bytes <= 0 or st.io_threads <= 0 or st.prefetch_chunks < 0:
         raise ValueError(
             "config keys 'store.cache_bytes' and 'store.io_threads' must be positive and "

@@ -14,6 +14,10 @@ without lcm-dist:
 The group is created with ``complete: false`` and its attributes are rewritten with
 ``complete: true`` only after every array and the generator file are written, so a reader
 can tell an interrupted export from a finished one.
+
+Every write of an export, and every read of the run's store, retries transient storage errors
+with the run's ``store.retries`` / ``store.retry_seconds`` (``lcm_dist.store_retry``); each
+write replaces a whole object with the same content, so repeating it is safe.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ import numpy as np
 from lcm_dist import checkpoint
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.latent_store import LatentStore, _reason, open_checked_group, resolve_url
+from lcm_dist.latent_store import (
+    LatentStore,
+    _reason,
+    open_checked_group,
+    resolve_url,
+    retry_policy,
+)
 from lcm_dist.shards import load_keys
+from lcm_dist.store_retry import StoreIOError, store_options
 
 FORMAT = "lcm-dist-export"
 VERSION = 1
@@ -126,15 +137,28 @@ def export_run(
         if not cfg.store.url
         else _locate(state["store_url"], base)
     )
-    store = LatentStore.open(store_url, storage_options=cfg.store.storage_options, mode="r")
+    retry = retry_policy(cfg)
+    store = LatentStore.open(
+        store_url, storage_options=cfg.store.storage_options, mode="r", retry=retry
+    )
     store.restore_slots(commit.slots)
 
+    def write(op, what: str):
+        """``op()``, retried on transient errors; ``what`` names it in errors."""
+        return retry.call(op, f"writing {what} of the export", out_url)
+
+    options = store_options(out_url, storage_options)
+    modes = iter(["w" if overwrite else "w-"])  # a retry reopens what the first attempt made
     try:
-        group = zarr.open_group(
-            out_url, mode="w" if overwrite else "w-", storage_options=storage_options or None
+        group = retry.opening().call(
+            lambda: zarr.open_group(out_url, mode=next(modes, "a"), storage_options=options),
+            "creating the export",
+            out_url,
         )
     except FileExistsError:
         raise ExportError(f"{out_url} already exists; pass --overwrite to replace it") from None
+    except StoreIOError:
+        raise
     except Exception as err:
         raise ExportError(f"cannot create the export at {out_url}: {_reason(err)}") from None
 
@@ -163,19 +187,32 @@ def export_run(
             "initial_phi": "(phi_size,) float32; the phi every image started from",
         },
     }
-    group.attrs.put(attrs)
-    group.create_array("noise", data=make_noise(model).numpy())
-    group.create_array("initial_phi", data=initial_phi(model).numpy())
-    key_array = group.create_array(
-        "keys", shape=(num_images,), chunks=(min(num_images, 1 << 16),), dtype=str
+    write(lambda: group.attrs.put(attrs), "the attributes")
+    noise, initial = make_noise(model).numpy(), initial_phi(model).numpy()
+    write(lambda: group.create_array("noise", data=noise, overwrite=True), "noise")
+    write(lambda: group.create_array("initial_phi", data=initial, overwrite=True), "initial_phi")
+    key_array = write(
+        lambda: group.create_array(
+            "keys",
+            shape=(num_images,),
+            chunks=(min(num_images, 1 << 16),),
+            dtype=str,
+            overwrite=True,
+        ),
+        "keys",
     )
-    key_array[:] = np.asarray(keys, dtype=object)
-    latents = group.create_array(
+    key_values = np.asarray(keys, dtype=object)
+    write(lambda: key_array.__setitem__(slice(None), key_values), "keys")
+    latents = write(
+        lambda: group.create_array(
+            "latents",
+            shape=(num_images, layout.size),
+            chunks=(min(num_images, ROWS_PER_CHUNK), layout.size),
+            dtype="float32",
+            fill_value=float("nan"),  # a chunk lost in a copy reads as NaN, not a valid phi
+            overwrite=True,
+        ),
         "latents",
-        shape=(num_images, layout.size),
-        chunks=(min(num_images, ROWS_PER_CHUNK), layout.size),
-        dtype="float32",
-        fill_value=float("nan"),  # a chunk lost in a copy reads as NaN, not as a valid phi
     )
     bar = None
     if progress:
@@ -188,16 +225,25 @@ def export_run(
         stop = min(start + step, num_images)
         first, last = start // store.rows_per_chunk, -(-stop // store.rows_per_chunk)
         block = np.concatenate([store.read_chunk(c) for c in range(first, last)])
-        latents[start:stop] = block[: stop - start]
+        rows = block[: stop - start]
+        write(
+            lambda start=start, stop=stop, rows=rows: latents.__setitem__(slice(start, stop), rows),
+            f"rows {start}-{stop - 1} of latents",
+        )
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
 
-    with fsspec.open(_join(out_url, GENERATOR_FILE), "wb", **(storage_options or {})) as out:
-        out.write((commit.folder / GENERATOR_FILE).read_bytes())
+    weights = (commit.folder / GENERATOR_FILE).read_bytes()
+
+    def write_generator():
+        with fsspec.open(_join(out_url, GENERATOR_FILE), "wb", **(options or {})) as out:
+            out.write(weights)
+
+    write(write_generator, GENERATOR_FILE)
     attrs["complete"] = True
-    group.attrs.put(attrs)
+    write(lambda: group.attrs.put(attrs), "the attributes")
     return attrs
 
 

@@ -17,18 +17,25 @@ point at, so a write never touches committed data. The live table (in memory) sa
 chunk's newest data is; ``commit`` makes it the committed one by writing ``slots``. A process
 that dies between commits leaves the committed state readable as it was.
 
+Storage faults: every chunk read and write, the slot-table write and opening the store retry
+transient errors (lost or refused connections, timeouts, HTTP 5xx, throttling) with bounded
+exponential backoff (``lcm_dist.store_retry``); repeating a write is safe because it only ever
+touches the uncommitted slot.
+
 Index arithmetic (which rows live in which chunk) is in pure functions at the top.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from lcm_dist.faults import crash_point
+from lcm_dist.store_retry import RetryPolicy, StoreIOError, reason, store_options
 
 FORMAT = "lcm-dist-latents"
 VERSION = 1
@@ -47,7 +54,9 @@ def open_group_v3(url: str, mode: str, storage_options: dict | None = None):
     """``zarr.open_group`` restricted to Zarr v3 (the v2 format can name a pickle filter)."""
     import zarr
 
-    return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options or None)
+    return zarr.open_group(
+        url, mode=mode, zarr_format=3, storage_options=store_options(url, storage_options)
+    )
 
 
 def check_codecs(group, url: str) -> None:
@@ -69,15 +78,29 @@ def check_codecs(group, url: str) -> None:
 
 
 def open_checked_group(
-    url: str, mode: str, storage_options: dict | None, what: str, fmt: str, version: int
+    url: str,
+    mode: str,
+    storage_options: dict | None,
+    what: str,
+    fmt: str,
+    version: int,
+    retry: RetryPolicy | None = None,
 ):
     """Open one of lcm-dist's Zarr groups (``what``: "latent store", "export"); returns
-    ``(group, attrs)`` after checking its format attribute, version and codecs."""
-    try:
+    ``(group, attrs)`` after checking its format attribute, version and codecs. Transient
+    errors are retried for a short while (``RetryPolicy.opening``)."""
+
+    def open_group():
         group = open_group_v3(url, mode, storage_options)
-        attrs = dict(group.attrs)
+        return group, dict(group.attrs)
+
+    policy = (retry or RetryPolicy()).opening()
+    try:
+        group, attrs = policy.call(open_group, f"opening the {what}", url)
     except FileNotFoundError:
         raise ValueError(f"no {what} at {url}") from None
+    except StoreIOError:
+        raise
     except Exception as err:
         raise ValueError(f"cannot open the {what} at {url}: {_reason(err)}") from None
     if attrs.get("format") != fmt:
@@ -87,7 +110,7 @@ def open_checked_group(
             f"{what} {url} has format version {attrs.get('version')}; this lcm-dist reads "
             f"version {version}"
         )
-    check_codecs(group, url)
+    policy.call(lambda: check_codecs(group, url), f"opening the {what}", url)
     return group, attrs
 
 
@@ -152,16 +175,34 @@ class IOCounters:
     bytes_written: int = 0
     chunk_reads: int = 0
     chunk_writes: int = 0
+    retries: int = 0  # store operations repeated after a transient error
 
 
 class LatentStore:
-    """N phi rows in a Zarr v3 group. Thread-safe for reads and writes of distinct chunks."""
+    """N phi rows in a Zarr v3 group. Thread-safe for reads and writes of distinct chunks.
 
-    def __init__(self, group, url: str):
+    ``retry`` bounds how long a failing chunk read or write is retried; the cache warns when
+    the step has waited ``stall_warning_seconds`` for the store (0 = never)."""
+
+    def __init__(
+        self,
+        group,
+        url: str,
+        retry: RetryPolicy | None = None,
+        stall_warning_seconds: float = 30.0,
+    ):
         import zarr
 
         self.url = url
         self.group = group
+        self.retry = retry or RetryPolicy()
+        self.stall_warning_seconds = stall_warning_seconds
+        self.last_error: tuple[float, str] | None = None  # (monotonic time, reason) of a retry
+        opening = self.retry.opening()
+
+        def load(op):  # metadata reads, each retried on its own (a few requests each)
+            return opening.call(op, "opening the latent store", url)
+
         attrs = dict(group.attrs)
         self.attrs = attrs
         self.num_rows = int(attrs["num_rows"])
@@ -169,13 +210,24 @@ class LatentStore:
         self.rows_per_chunk = int(attrs["rows_per_chunk"])
         self.num_chunks = num_chunks(self.num_rows, self.rows_per_chunk)
         self.dtype = np.dtype(attrs["dtype"])
-        self.initial = np.asarray(group["initial"][:], dtype=np.float32)
-        self._data = [group["slot0"], group["slot1"]]
-        self._slots_array: zarr.Array = group["slots"]
-        self.committed = np.asarray(self._slots_array[:], dtype=np.int8)
+        self.initial = load(lambda: np.asarray(group["initial"][:], dtype=np.float32))
+        self._data = [load(lambda: group["slot0"]), load(lambda: group["slot1"])]
+        self._slots_array: zarr.Array = load(lambda: group["slots"])
+        self.committed = load(lambda: np.asarray(self._slots_array[:], dtype=np.int8))
         self.live = self.committed.copy()
         self.counters = IOCounters()
         self._lock = threading.Lock()
+
+    def _retry(self, op, what: str, stop: threading.Event | None = None):
+        """``op()`` under the store's retry policy; ``what`` names it in errors."""
+        return self.retry.call(
+            op, f"{what} of latent store", self.url, on_retry=self._note, stop=stop
+        )
+
+    def _note(self, err: BaseException) -> None:
+        with self._lock:
+            self.counters.retries += 1
+            self.last_error = (time.monotonic(), reason(err))
 
     # Creating and opening.
 
@@ -192,8 +244,14 @@ class LatentStore:
         codec_level: int = 1,
         dtype: str = "float32",
         storage_options: dict | None = None,
+        retry: RetryPolicy | None = None,
+        stall_warning_seconds: float = 30.0,
     ) -> LatentStore:
-        """Create an empty store (every row reads as ``initial``); fails if one exists."""
+        """Create an empty store (every row reads as ``initial``); fails if one exists.
+
+        Each step is retried on transient errors (``retry.opening()``). A step that failed
+        after reaching the store is safe to repeat: the group is reopened (mode ``a``) rather
+        than refused as existing, and the arrays, written only here, are overwritten."""
         import zarr
 
         initial = np.asarray(initial, dtype=np.float32).reshape(-1)
@@ -201,45 +259,61 @@ class LatentStore:
             raise ValueError("a latent store needs num_rows and rows_per_chunk > 0")
         if initial.size != signature["phi_size"]:
             raise ValueError("initial phi does not have the signature's phi_size")
+        policy = (retry or RetryPolicy()).opening()
+        options = store_options(url, storage_options)
+        modes = iter(["w-"])  # the first attempt refuses an existing store; retries reopen
+
+        def step(op, what="creating the latent store"):
+            return policy.call(op, what, url)
+
         try:
-            group = zarr.open_group(url, mode="w-", storage_options=storage_options or None)
+            group = step(
+                lambda: zarr.open_group(url, mode=next(modes, "a"), storage_options=options)
+            )
         except FileExistsError:
             raise ValueError(f"cannot create a latent store at {url}: it already exists") from None
+        except StoreIOError:
+            raise
         except Exception as err:
             raise ValueError(f"cannot create a latent store at {url}: {_reason(err)}") from None
         chunks = num_chunks(num_rows, rows_per_chunk)
         for name in ("slot0", "slot1"):
-            group.create_array(
-                name,
-                shape=(num_rows, initial.size),
-                chunks=(rows_per_chunk, initial.size),
-                dtype=dtype,
-                # A written chunk that goes missing reads as NaN (caught), never as a valid phi.
-                fill_value=float("nan"),
-                compressors=_codecs(codec, codec_level),
+            step(
+                lambda name=name: group.create_array(
+                    name,
+                    shape=(num_rows, initial.size),
+                    chunks=(rows_per_chunk, initial.size),
+                    dtype=dtype,
+                    # A written chunk that goes missing reads as NaN (caught), never as a
+                    # valid phi.
+                    fill_value=float("nan"),
+                    compressors=_codecs(codec, codec_level),
+                    overwrite=True,
+                )
             )
-        init = group.create_array("initial", shape=(initial.size,), dtype="float32")
-        init[:] = initial
-        group.create_array(
-            "slots",
-            shape=(chunks,),
-            chunks=(min(chunks, SLOTS_CHUNK),),
-            dtype="int8",
-            fill_value=-1,
+        step(lambda: group.create_array("initial", data=initial, overwrite=True))
+        step(
+            lambda: group.create_array(
+                "slots",
+                shape=(chunks,),
+                chunks=(min(chunks, SLOTS_CHUNK),),
+                dtype="int8",
+                fill_value=-1,
+                overwrite=True,
+            )
         )
-        group.attrs.update(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "num_rows": num_rows,
-                "phi_size": int(initial.size),
-                "rows_per_chunk": rows_per_chunk,
-                "dtype": dtype,
-                "codec": codec,
-                "model": signature,
-            }
-        )
-        return cls(group, url)
+        attrs = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_rows": num_rows,
+            "phi_size": int(initial.size),
+            "rows_per_chunk": rows_per_chunk,
+            "dtype": dtype,
+            "codec": codec,
+            "model": signature,
+        }
+        step(lambda: group.attrs.update(attrs))
+        return cls(group, url, retry, stall_warning_seconds)
 
     @classmethod
     def open(
@@ -250,10 +324,12 @@ class LatentStore:
         min_rows: int = 0,
         storage_options: dict | None = None,
         mode: str = "r+",
+        retry: RetryPolicy | None = None,
+        stall_warning_seconds: float = 30.0,
     ) -> LatentStore:
         """Open an existing store, checking it against the model and the dataset size."""
         group, attrs = open_checked_group(
-            url, mode, storage_options, "latent store", FORMAT, VERSION
+            url, mode, storage_options, "latent store", FORMAT, VERSION, retry
         )
         if signature is not None and attrs.get("model") != signature:
             theirs, ours = attrs.get("model", {}), signature
@@ -271,15 +347,22 @@ class LatentStore:
                 f"latent store {url} holds {attrs['num_rows']} rows but the dataset has "
                 f"{min_rows} images; make a new store for this dataset"
             )
-        return cls(group, url)
+        return cls(group, url, retry, stall_warning_seconds)
 
     @classmethod
-    def exists(cls, url: str, storage_options: dict | None = None) -> bool:
+    def exists(
+        cls, url: str, storage_options: dict | None = None, retry: RetryPolicy | None = None
+    ) -> bool:
         import fsspec
 
-        try:
-            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        def look():
+            fs, path = fsspec.core.url_to_fs(url, **(store_options(url, storage_options) or {}))
             return fs.exists(path.rstrip("/") + "/zarr.json")
+
+        try:
+            return (retry or RetryPolicy()).opening().call(look, "opening the latent store", url)
+        except StoreIOError:
+            raise
         except Exception as err:  # e.g. no fsspec backend installed for the URL's protocol
             raise ValueError(f"cannot open the latent store at {url}: {_reason(err)}") from None
 
@@ -298,13 +381,18 @@ class LatentStore:
         """Logical bytes of all rows as stored (one slot)."""
         return self.num_rows * self.phi_size * self.dtype.itemsize
 
-    def read_chunk(self, chunk: int) -> np.ndarray:
-        """The chunk's newest rows as a new (rows, P) float32 array."""
+    def read_chunk(self, chunk: int, abort: threading.Event | None = None) -> np.ndarray:
+        """The chunk's newest rows as a new (rows, P) float32 array. Transient errors are
+        retried (``self.retry``; no new attempt once ``abort`` is set)."""
         start, stop = self.chunk_bounds(chunk)
         slot = int(self.live[chunk])
         if slot < 0:
             return np.broadcast_to(self.initial, (stop - start, self.phi_size)).copy()
-        data = np.asarray(self._data[slot][start:stop], dtype=np.float32)
+        data = self._retry(
+            lambda: np.asarray(self._data[slot][start:stop], dtype=np.float32),
+            f"reading chunk {chunk}",
+            abort,
+        )
         if np.isnan(data[:, 0]).any():
             raise ValueError(
                 f"chunk {chunk} (rows {start}-{stop - 1}) of slot{slot} in latent store "
@@ -315,14 +403,22 @@ class LatentStore:
             self.counters.chunk_reads += 1
         return data
 
-    def write_chunk(self, chunk: int, data: np.ndarray) -> None:
-        """Write a whole chunk to the slot the committed table does not use."""
+    def write_chunk(
+        self, chunk: int, data: np.ndarray, abort: threading.Event | None = None
+    ) -> None:
+        """Write a whole chunk to the slot the committed table does not use. Transient errors
+        are retried (``self.retry``): repeating the write only rewrites that uncommitted slot."""
         start, stop = self.chunk_bounds(chunk)
         if data.shape != (stop - start, self.phi_size):
             raise ValueError(f"chunk {chunk} needs shape {(stop - start, self.phi_size)}")
         target = 1 if self.committed[chunk] == 0 else 0
         crash_point("store.write_chunk")
-        self._data[target][start:stop] = data.astype(self.dtype, copy=False)
+        stored = data.astype(self.dtype, copy=False)
+
+        def write():
+            self._data[target][start:stop] = stored
+
+        self._retry(write, f"writing chunk {chunk}", abort)
         with self._lock:
             self.live[chunk] = target
             self.counters.bytes_written += self.chunk_nbytes(chunk)
@@ -354,7 +450,12 @@ class LatentStore:
         """Make the live slot table the committed one (and write it to ``slots``)."""
         changed = np.nonzero(self.live != self.committed)[0]
         if persist and changed.size:
-            self._slots_array[:] = self.live
+            live = self.live.copy()
+
+            def write():
+                self._slots_array[:] = live
+
+            self._retry(write, "writing the slot table")
         self.committed = self.live.copy()
 
     def restore_slots(self, slots: np.ndarray) -> None:
@@ -384,6 +485,11 @@ def resolve_url(cfg) -> str:
     import os
 
     return cfg.store.url or os.path.join(cfg.run_dir, "latents.zarr")
+
+
+def retry_policy(cfg) -> RetryPolicy:
+    """The run's retry policy for store operations (``store.retries``, ``store.retry_seconds``)."""
+    return RetryPolicy(retries=cfg.store.retries, seconds=cfg.store.retry_seconds)
 
 
 def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
@@ -437,7 +543,8 @@ def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
     options = cfg.store.storage_options
     signature = model_signature(cfg.model)
     sps = manifest["samples_per_shard"]
-    if create and not LatentStore.exists(url, options):
+    faults = {"retry": retry_policy(cfg), "stall_warning_seconds": cfg.store.stall_warning_seconds}
+    if create and not LatentStore.exists(url, options, faults["retry"]):
         store = LatentStore.create(
             url,
             num_rows=manifest["num_samples"],
@@ -448,10 +555,15 @@ def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
             codec_level=cfg.store.codec_level,
             dtype=cfg.store.dtype,
             storage_options=options,
+            **faults,
         )
     else:
         store = LatentStore.open(
-            url, signature=signature, min_rows=manifest["num_samples"], storage_options=options
+            url,
+            signature=signature,
+            min_rows=manifest["num_samples"],
+            storage_options=options,
+            **faults,
         )
         _check_store_settings(cfg, store)
     if sps % store.rows_per_chunk:

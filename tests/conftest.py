@@ -92,6 +92,20 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture
+def faulty_s3(s3_server):
+    """A ``FaultyS3Proxy`` in front of ``s3_server`` (no faults until asked); yields
+    (proxy, url prefix, storage options that reach the bucket through the proxy)."""
+    from tests.s3_faults import FaultyS3Proxy
+
+    prefix, options = s3_server
+    proxy = FaultyS3Proxy(options["endpoint_url"])
+    try:
+        yield proxy, prefix, {**options, "endpoint_url": proxy.url}
+    finally:
+        proxy.close()
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, demo_shards):
     """A finished 16-step run (one epoch: every row trained) with a checkpoint at step 8."""

@@ -153,7 +153,7 @@ def test_background_write_failure_is_reported(tmp_path, monkeypatch):
     store = new_store(str(tmp_path / "s.zarr"), rows=8)
     cache = WriteBackCache(store, 1 << 20, 1, 0)
 
-    def full_disk(chunk, data):
+    def full_disk(chunk, data, abort=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store, "write_chunk", full_disk)
@@ -172,7 +172,7 @@ def test_chunk_leaving_under_pressure_is_kept_when_needed_again(tmp_path, monkey
     write = store.write_chunk
     started = []
 
-    def slow_write(chunk, data):
+    def slow_write(chunk, data, abort=None):
         started.append(chunk)
         time.sleep(0.3)
         write(chunk, data)
