@@ -317,15 +317,14 @@ def _next_batch(batches, latents, loader, cfg, epoch):
     return batch, latents.read_rows(batch.rows), ended
 
 
-def _agree_after_batch(bad: torch.Tensor, stop: lifecycle.StopSignals) -> tuple[bool, bool]:
-    """(did any process see a non-finite loss, did any process get a stop signal), agreed by
-    all processes once per batch (one host sync, and one tiny collective)."""
-    got_signal = torch.tensor(float(stop.received is not None), device=bad.device)
-    flags = torch.stack([bad.float(), got_signal])
-    if distributed.world_size() > 1:
-        flags = distributed.max_over_ranks(flags)
-    nonfinite, stopping = flags.tolist()
-    return bool(nonfinite), bool(stopping)
+def _agree_to_go_on(failed_here: bool, stop: lifecycle.StopSignals) -> tuple[int | None, bool]:
+    """(the lowest process that failed this batch or None, whether any process got a stop
+    signal): one tiny collective per batch, and none in a single process."""
+    if distributed.world_size() == 1:
+        return (0 if failed_here else None), stop.received is not None
+    flags = torch.tensor([float(failed_here), float(stop.received is not None)])
+    failed, stopping = distributed.max_over_ranks(flags).tolist()
+    return (distributed.first_failed_rank(failed_here) if failed else None), bool(stopping)
 
 
 def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_dtype):
@@ -474,19 +473,27 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
         phi = _to_device(phi_host, device).requires_grad_(True)
 
         terms, output, bad = fit_batch(engine, latent_net, phi, images, cfg, clamp_mask, gen_dtype)
-        nonfinite, stopping = _agree_after_batch(bad, stop)
+        # Write the rows back and agree to go on: a non-finite loss or a failed write-back on
+        # any process stops every process (each says why in one line); a stop signal on any
+        # process ends the run after this batch's checkpoint.
+        nonfinite, error = bool(bad), None  # the batch's one host sync
+        if not nonfinite:
+            try:
+                latents.write_rows(rows, phi.detach().cpu())
+            except Exception as err:
+                error = err
+        failed, stopping = _agree_to_go_on(nonfinite or error is not None, stop)
+        if error is not None:
+            raise error
         if nonfinite:
-            failed = distributed.first_failed_rank(bool(bad))
-            if failed != rank:
-                raise distributed.PeerStopped(
-                    f"process {failed} of the run stopped on a non-finite loss at step {step} "
-                    "(its error is above)"
-                )
             raise NonFiniteLossError(
                 f"the loss became {terms['loss'].item()} at step {step} on rank {rank} (rows "
                 f"{rows[:4].tolist()}...); lower the learning rates in the config"
             )
-        latents.write_rows(rows, phi.detach().cpu())
+        if failed is not None:
+            raise distributed.PeerStopped(
+                f"process {failed} of the run stopped at step {step} (its error is above)"
+            )
         if trace is not None:
             trace.rows(step, batch.epoch, rows)
         position = (batch.epoch, batch.step_in_epoch + 1)

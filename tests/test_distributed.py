@@ -1,0 +1,75 @@
+"""The process-group helpers on a real two-process gloo group (no DeepSpeed)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lcm_dist import distributed, lifecycle
+from tests.conftest import free_port
+
+
+def _worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out = {}
+        # Setup work that fails on one process only: both stop at once, no collective waits.
+        start = time.monotonic()
+
+        def open_store():
+            if rank == 1:
+                raise ValueError("cannot open the latent store at s3://x/y: refused")
+            return "store"
+
+        try:
+            distributed.together("opening the latent store", open_store)
+        except Exception as err:
+            out["error"] = f"{type(err).__name__}: {err}"
+        out["seconds"] = time.monotonic() - start
+        out["max"] = distributed.max_over_ranks(torch.tensor([rank, -rank])).tolist()
+        out["sum"] = distributed.sum_over_ranks(rank + 0.5)
+        out["mean"] = distributed.mean_over_ranks(torch.tensor([float(rank)])).tolist()
+        out["first_failed"] = distributed.first_failed_rank(rank == 1)
+        out["none_failed"] = distributed.first_failed_rank(False)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_helpers_and_an_error_on_one_process_stopping_both():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
+    zero, one = results[0], results[1]
+    assert one["error"] == "ValueError: cannot open the latent store at s3://x/y: refused"
+    assert zero["error"] == (
+        "PeerStopped: process 1 of the run stopped while opening the latent store "
+        "(its error is above)"
+    )
+    assert zero["seconds"] < 30  # not a collective timeout (those are minutes)
+    for r in (zero, one):
+        assert r["max"] == [1, 0] and r["sum"] == 2.0 and r["mean"] == [0.5]
+        assert r["first_failed"] == 1 and r["none_failed"] is None
+
+
+def test_single_process_helpers_are_no_ops():
+    assert distributed.world_size() == 1 and distributed.first_failed_rank(True) == 0
+    assert distributed.together("x", lambda: 3) == 3
+    with pytest.raises(KeyError):
+        distributed.together("x", lambda: {}["missing"])
+
+
+def test_launcher_commands_are_recognised():
+    assert lifecycle.is_launcher(["/venv/bin/python", "/venv/bin/torchrun", "--nnodes", "2"])
+    assert lifecycle.is_launcher(["python", "-u", "-m", "deepspeed.launcher.launch", "x.py"])
+    assert lifecycle.is_launcher(["python", "-m", "torch.distributed.run", "train.py"])
+    assert lifecycle.is_launcher(["/usr/bin/python3", "/venv/bin/deepspeed", "train.py"])
+    assert not lifecycle.is_launcher(["bash", "run_deepspeed.sh"])
+    assert not lifecycle.is_launcher(["python", "-m", "pytest", "-k", "torchrun"])
+    assert not lifecycle.is_launcher(["/home/deepspeed/.venv/bin/python", "launch/train.py"])
