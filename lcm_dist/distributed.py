@@ -144,6 +144,14 @@ def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return _all_reduce(values, dist.ReduceOp.MAX)
 
 
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor, in place, by its mean over all processes (no-op in one)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        t.copy_(_all_reduce(t, dist.ReduceOp.SUM) / world_size())
+
+
 def first_failed_rank(failed: bool) -> int | None:
     """The lowest rank for which ``failed`` is true, agreed by all ranks (a collective)."""
     me = torch.tensor([rank() if failed else world_size()], dtype=torch.int64)

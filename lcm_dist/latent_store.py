@@ -59,14 +59,18 @@ def open_group_v3(url: str, mode: str, storage_options: dict | None = None):
     )
 
 
-def check_codecs(group, url: str) -> None:
-    """Refuse a group with an array whose codecs are not all in ``SAFE_CODECS``."""
+def check_codecs(group, url: str, call=None) -> None:
+    """Refuse a group with an array whose codecs are not all in ``SAFE_CODECS``. ``call(fn)``
+    runs each metadata read (one listing, then one per array), e.g. under a retry policy, so
+    that a transient error repeats one small request rather than all of them."""
     import warnings
 
+    call = call or (lambda fn: fn())
     with warnings.catch_warnings():
         # An export keeps generator.safetensors beside its arrays; zarr warns about it.
         warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-        arrays = list(group.arrays())
+        names = call(lambda: sorted(group.array_keys()))
+        arrays = [(name, call(lambda n=name: group[n])) for name in names]
     for name, array in arrays:
         codecs = [c.to_dict().get("name") for c in getattr(array.metadata, "codecs", ())]
         unsafe = [c for c in codecs if c not in SAFE_CODECS]
@@ -110,7 +114,7 @@ def open_checked_group(
             f"{what} {url} has format version {attrs.get('version')}; this lcm-dist reads "
             f"version {version}"
         )
-    policy.call(lambda: check_codecs(group, url), f"opening the {what}", url)
+    check_codecs(group, url, lambda fn: policy.call(fn, f"opening the {what}", url))
     return group, attrs
 
 

@@ -251,13 +251,29 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     assert (run_dir / "latest.json").read_text() == pointer
 
 
-def test_resume_with_another_worker_count_says_the_epoch_restarts(tmp_path, demo_shards):
+def test_resume_under_another_data_plan_says_the_epoch_restarts(tmp_path, demo_shards):
     cfg = resume_config(tmp_path, demo_shards, "workers", train={"max_steps": 6})
     code, out = run(cfg)
     assert code == 0, out[-3000:]  # committed at batch 6 of the 16 of epoch 0
     proc = train_more(cfg, "train.max_steps=7", "data.num_workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 0 restarted (data.num_workers changed)" in proc.stdout + proc.stderr
+    assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
+    # The batch size, seed and shuffle window also decide which images the rest of the epoch
+    # holds: changing them restarts it too, and the message names each.
+    proc = train_more(
+        cfg,
+        "train.max_steps=8",
+        "data.num_workers=1",
+        "data.batch_size=2",
+        "train.seed=5",
+        "data.shuffle_buffer=4",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        "epoch 0 restarted (data.batch_size, train.seed, data.shuffle_buffer changed)"
+        in proc.stdout + proc.stderr
+    )
     assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
 
 
