@@ -32,12 +32,12 @@ def fault_config(tmp_path, shards, name, url, options, **store):
     )
 
 
-def start(cfg_path, out_dir):
+def start(cfg_path, out_dir, launcher=(PYTHON,)):
     """launch/train.py in the background, its output in files (no pipe to fill up)."""
     out = open(out_dir / "stdout.txt", "w")
     err = open(out_dir / "stderr.txt", "w")
     return subprocess.Popen(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
+        [*launcher, "launch/train.py", "--config", str(cfg_path)],
         cwd=REPO,
         env=subprocess_env(),
         stdout=out,
@@ -183,3 +183,48 @@ def test_an_endpoint_that_refuses_connections_is_a_clear_error_within_a_minute(
     assert last.startswith(f"error: opening the latent store {url} failed "), proc.stderr[-3000:]
     assert f'Could not connect to the endpoint URL: "{endpoint}/' in last
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.dist
+def test_two_processes_ride_out_failing_requests_and_end_as_a_clean_run(
+    tmp_path, demo_shards, s3_server, faulty_s3
+):
+    """Both processes of a run read and write their own chunks through the faulty endpoint;
+    the result equals the same two-process run on a healthy one."""
+    proxy, prefix, options = faulty_s3
+
+    def torchrun():
+        return (PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2") + (
+            "--master_port",
+            str(free_port()),
+        )
+
+    clean = fault_config(
+        tmp_path,
+        demo_shards,
+        "clean2",
+        f"{s3_server[0]}/{tmp_path.name}-clean/latents.zarr",
+        s3_server[1],
+    )
+    proc = start(clean, tmp_path / "clean2", torchrun())
+    assert proc.wait(timeout=600) == 0, (tmp_path / "clean2" / "stderr.txt").read_text()[-3000:]
+    faulty = fault_config(
+        tmp_path,
+        demo_shards,
+        "faulty2",
+        f"{prefix}/{tmp_path.name}-faulty/latents.zarr",
+        {**options, "config_kwargs": TIMEOUTS},
+        retries=100,
+        retry_seconds=60,
+    )
+    proc = start(faulty, tmp_path / "faulty2", torchrun())
+    try:
+        log = tmp_path / "faulty2" / "stdout.txt"
+        wait_for(lambda: "lcm-dist:" in log.read_text(), proc, "the first log line")
+        proxy.fail_fraction = 0.2
+        assert proc.wait(timeout=600) == 0, (tmp_path / "faulty2" / "stderr.txt").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proxy.counts["slowdown"] and proxy.counts["internal"]
+    assert_same_state(final_state(faulty, s3_server[1]), final_state(clean, s3_server[1]))
