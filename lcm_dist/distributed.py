@@ -53,7 +53,7 @@ def init_distributed() -> None:
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     if cuda:
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device())
     import deepspeed
 
     if not cuda:
@@ -101,9 +101,10 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    """This process's compute device: its own GPU (``LOCAL_RANK``) or the CPU."""
+    """This process's compute device: its own GPU (``LOCAL_RANK``; modulo the GPUs it sees, for
+    schedulers that show each process only its own) or the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 
