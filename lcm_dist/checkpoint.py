@@ -153,7 +153,7 @@ def _set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
 def generator_state(engine) -> dict[str, torch.Tensor]:
     """The generator's full weights as contiguous CPU fp32 tensors: under bf16 the
     optimizer's fp32 masters, never an upcast of the bf16 copy (call on every rank: ZeRO-3
-    gathers)."""
+    gathers). Integer buffers (BatchNorm's batch counters) keep their dtype."""
     if engine.bfloat16_enabled():
         masters = _fp32_masters(engine)
         by_name = {name: masters[id(p)] for name, p in engine.module.named_parameters()}
@@ -168,7 +168,10 @@ def generator_state(engine) -> dict[str, torch.Tensor]:
         state = engine.module.state_dict()
     if state is None:  # ZeRO-3 gathers on rank 0 only
         return {}
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in state.items()
+    }
 
 
 def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> str:

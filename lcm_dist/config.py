@@ -364,6 +364,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def bottleneck_side(m: ModelConfig) -> int:
+    """Side of the generator's innermost feature maps (z's side / 8): 4 for ``paper``, 2 for
+    ``demo64``, 1 for ``demo32``. At 1 every BatchNorm there normalises a channel over the batch
+    alone, and a batch of fresh latents (all images start from the same phi) has zero variance:
+    phi's first gradient is ~1e7 times too large, the latents blow up and stop learning."""
+    return (m.noise_size - 2 * len(m.latent_widths)) // 8
+
+
 def validate_model(m: ModelConfig) -> None:
     """Checks that the latent nets and the generator of a model config fit together."""
     if not m.latent_widths or min(m.latent_widths) <= 0:

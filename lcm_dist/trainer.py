@@ -21,7 +21,7 @@ import torch
 
 from lcm_dist import checkpoint, distributed, lifecycle
 from lcm_dist.cache import WriteBackCache
-from lcm_dist.config import RunConfig, config_to_dict, write_resolved_config
+from lcm_dist.config import RunConfig, bottleneck_side, config_to_dict, write_resolved_config
 from lcm_dist.data import ShardLoader, chunk_need_order
 from lcm_dist.generator import Generator, count_parameters
 from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, initial_phi, phi_layout
@@ -429,6 +429,12 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
             f"thread(s), phi {phi_layout(cfg.model).size} "
             f"floats/image, generator {num_parameters:,} parameters{resumed_note}"
         )
+        if bottleneck_side(cfg.model) == 1:
+            log.message(
+                f"lcm-dist: warning: model.image_size {cfg.model.image_size} gives the generator "
+                "1x1 inner layers, where BatchNorm cannot train phi (a batch of fresh latents has "
+                "zero variance there); this run tests plumbing only, train models at 64 or more"
+            )
     else:
         log = NullLogger()
     trace = RowTrace(cfg.run_dir, rank) if cfg.log.trace_rows else None

@@ -31,6 +31,17 @@ def demo_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo64_shards(tmp_path_factory) -> Path:
+    """The same 64 crops at 64x64 in 8 shards of 8, for the ``demo64`` model."""
+    from lcm_dist.demo import random_crops
+    from lcm_dist.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards64")
+    write_shards(random_crops(64, 64, seed=1), out, 64, 8, progress=False)
+    return out
+
+
 def run_config(tmp_path: Path, shards: Path, **sections) -> Path:
     """Write a small CPU run config; keyword arguments update whole sections' keys."""
     cfg = {
@@ -107,12 +118,15 @@ def faulty_s3(s3_server):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, demo_shards):
-    """A finished 16-step run (one epoch: every row trained) with a checkpoint at step 8."""
+def trained_run(tmp_path_factory, demo64_shards):
+    """A finished 16-step run of the ``demo64`` model (one epoch: every row trained) with a
+    checkpoint at step 8. Not ``demo32``: its generator's 1x1 bottleneck cannot train phi (a
+    batch of fresh latents, all equal, has zero BatchNorm variance there)."""
     tmp = tmp_path_factory.mktemp("export-run")
     cfg_path = run_config(
         tmp,
-        demo_shards,
+        demo64_shards,
+        model={"preset": "demo64"},
         train={"max_steps": 16, "inner_steps": 4},
         store={"rows_per_chunk": 8},
         checkpoint={"every_steps": 8},

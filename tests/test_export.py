@@ -76,7 +76,7 @@ def committed_state(run_dir):
     return commit, rows, load_file(str(commit.folder / "generator.safetensors"))
 
 
-def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, demo_shards):
+def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, demo64_shards):
     from lcm_dist.config import model_from_dict
     from lcm_dist.data import ShardLoader
     from lcm_dist.generator import Generator
@@ -95,7 +95,7 @@ def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, dem
     assert attrs["checkpoint"] == commit.tag
     np.testing.assert_array_equal(data["latents"], rows)  # row i = image i, as trained
     assert data["latents"].shape == (64, 24448) and data["latents"].dtype == np.float32
-    assert list(data["keys"]) == load_keys(demo_shards)
+    assert list(data["keys"]) == load_keys(demo64_shards)
     assert {k[4:] for k in data if k.startswith("gen.")} == set(weights)
     for name, tensor in weights.items():
         np.testing.assert_array_equal(data["gen." + name], tensor.numpy())
@@ -109,7 +109,7 @@ def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, dem
     net, gen = BatchedLatentNet(model), Generator(model)
     gen.load_state_dict({k: torch.from_numpy(data["gen." + k]) for k in weights})
     gen.eval()  # restoration uses the running statistics of training
-    loader = ShardLoader(str(demo_shards), batch_size=64, num_workers=0, image_size=32)
+    loader = ShardLoader(str(demo64_shards), batch_size=64, num_workers=0, image_size=64)
     batch = next(iter(loader))
     latents = torch.from_numpy(data["latents"])
     candidates = {

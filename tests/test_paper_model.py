@@ -290,3 +290,29 @@ def test_paper_inpainting_ring_weight():
         torch.testing.assert_close(op.data_term(x_hat, y)[i], expected, rtol=1e-10, atol=0)
     plain = Inpaint(known).data_term(x_hat, y)
     assert torch.all(op.data_term(x_hat, y) > plain)
+
+
+def _first_phi_gradient(preset: str) -> float:
+    """Norm of phi's gradient at the first step of a batch of four fresh images (every phi the
+    initial one, so every z is the same) through an untrained generator in train mode."""
+    model = model_from_dict({"preset": preset})
+    torch.manual_seed(0)
+    gen, net = Generator(model), BatchedLatentNet(model)
+    phi = initial_phi(model).expand(4, -1).clone().requires_grad_(True)
+    images = torch.rand(4, 3, model.image_size, model.image_size)
+    lcm_loss(gen(net(phi)), images)["loss"].backward()
+    return float(phi.grad.norm())
+
+
+def test_a_1x1_bottleneck_cannot_train_fresh_latents():
+    """A batch of fresh latents is one z repeated. With 2x2 or larger inner maps BatchNorm still
+    sees spatial variance and phi's first gradient is moderate; at 1x1 (demo32) the variance is
+    zero, every inner BatchNorm multiplies the gradient by 1/sqrt(eps) and phi is thrown ~1e4
+    times beyond the scale of z (why trained models and fixtures use demo64 or larger)."""
+    from lcm_dist.config import bottleneck_side
+
+    assert [bottleneck_side(model_from_dict({"preset": p})) for p in ("paper", "demo64")] == [4, 2]
+    assert bottleneck_side(model_from_dict({"preset": "demo32"})) == 1
+    moderate = _first_phi_gradient("demo64")
+    assert moderate < 10
+    assert _first_phi_gradient("demo32") > 1e4 * moderate
