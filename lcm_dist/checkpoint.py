@@ -4,7 +4,7 @@
         mp_rank_00_model_states.pt ...   the DeepSpeed engine: generator and optimizer state
         generator.safetensors            the generator's full fp32 weights (export, checks)
         slots.npy                        the latent store's slot table at this commit
-        rng-rank<r>.pt                   each process's torch RNG state
+        rng-rank<r>.pt                   each process's torch RNG state and BatchNorm statistics
         state.json                       step, data position, world size, model config
     <run_dir>/latest.json                the commit point
 
@@ -174,6 +174,19 @@ def generator_state(engine) -> dict[str, torch.Tensor]:
     }
 
 
+def _floating_buffers(engine) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in engine.module.named_buffers() if b.is_floating_point()}
+
+
+def _averaged_buffers(engine) -> dict[str, torch.Tensor]:
+    """BatchNorm's running statistics averaged over the processes, as fp32 CPU copies (each
+    process keeps its own from its own batches: DeepSpeed averages gradients, not buffers).
+    A collective."""
+    buffers = {n: b.detach().float().clone() for n, b in _floating_buffers(engine).items()}
+    distributed.average_(list(buffers.values()))
+    return {n: b.cpu().contiguous() for n, b in buffers.items()}
+
+
 def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> str:
     """Write a checkpoint of ``step`` and commit it; every process calls this together.
 
@@ -190,10 +203,16 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
             shutil.rmtree(folder)  # left by an attempt that crashed before committing
         distributed.barrier()
         weights = generator_state(engine)
+        # The weights for export get the statistics of all processes; each process's own
+        # go to its rank file, so that a resumed run continues exactly where it stopped.
+        averaged = _averaged_buffers(engine)
+        if weights:
+            weights.update(averaged)
         engine.save_checkpoint(str(run / FOLDER), tag=tag, save_latest=False)
         fail_point("checkpoint.write")
         crash_point("checkpoint.write")
-        torch.save({"torch": torch.get_rng_state()}, folder / f"rng-rank{rank}.pt")
+        own = {n: b.detach().cpu() for n, b in _floating_buffers(engine).items()}
+        torch.save({"torch": torch.get_rng_state(), "buffers": own}, folder / f"rng-rank{rank}.pt")
         if distributed.is_main():
             save_file(weights, str(folder / "generator.safetensors"))
             if slots is not None:
@@ -236,7 +255,9 @@ def prune(run_dir: str | os.PathLike, keep_latest: int) -> None:
 def load_engine(engine, commit: Commit, same_world: bool) -> bool:
     """Load the generator and, when the world size is unchanged (or under ZeRO stage 0, whose
     optimizer state is not partitioned), the optimizer state. Returns whether the optimizer
-    state was restored. The loaded weights are checked against ``generator.safetensors``."""
+    state was restored. The loaded weights are checked against ``generator.safetensors``.
+    BatchNorm's running statistics come back per process with the same world size, else as
+    the processes' average."""
     from safetensors.torch import load_file
 
     with_optimizer = same_world or engine.zero_optimization_stage() == 0
@@ -253,13 +274,21 @@ def load_engine(engine, commit: Commit, same_world: bool) -> bool:
         # Without its optimizer state DeepSpeed rebuilds the fp32 masters from the bf16
         # weights; the checkpoint's fp32 weights are the exact ones.
         _set_fp32_masters(engine, expected)
+    parameters = {name for name, _ in engine.module.named_parameters()}
     loaded = generator_state(engine)
     for name, tensor in loaded.items():
-        if not torch.equal(tensor, expected[name]):
+        if name in parameters and not torch.equal(tensor, expected[name]):
             raise CheckpointError(
                 f"generator weight {name} loaded from {commit.folder} differs from its "
                 "generator.safetensors; the checkpoint is inconsistent"
             )
+    buffers = expected
+    if same_world:
+        mine = torch.load(commit.folder / f"rng-rank{distributed.rank()}.pt", weights_only=True)
+        buffers = {**expected, **mine.get("buffers", {})}
+    with torch.no_grad():
+        for name, buffer in _floating_buffers(engine).items():
+            buffer.copy_(buffers[name])
     return with_optimizer
 
 

@@ -101,8 +101,8 @@ class RunLogger(NullLogger):
 class RowTrace:
     """``log.trace_rows``: an audit of the data plan. Each process appends one JSON line per
     batch to ``<run_dir>/trace/rows-rank<R>.jsonl`` (step, epoch, the rows it trained) and,
-    at the end of the run, the SHA-256 of its copy of the generator's weights (identical on
-    every process under ZeRO 0-2). A resumed run appends again from its first step, so the
+    at the end of the run, the SHA-256 of its copy of the generator's parameters (identical on
+    every process under ZeRO 0-2; BatchNorm's running statistics are per process). A resumed run appends again from its first step, so the
     last line of a step is the one that counts."""
 
     def __init__(self, run_dir: str, rank: int):
@@ -123,7 +123,7 @@ class RowTrace:
         import hashlib
 
         digest = hashlib.sha256()
-        for name, tensor in sorted(module.state_dict().items()):
+        for name, tensor in sorted(module.named_parameters()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         self._write({"step": step, "generator_sha256": digest.hexdigest()})

@@ -191,13 +191,7 @@ def _checkpoint(
     cfg: RunConfig, engine, latents, step: int, position: tuple[int, int], num_images: int
 ) -> None:
     """Flush the latents, save everything and commit it; then the store's committed slots
-    follow the checkpoint's.
-
-    BatchNorm's running statistics are kept by each process from its own batches (DeepSpeed
-    averages gradients, not buffers); they are averaged over the processes first, so the
-    checkpoint holds statistics of all the run's data, not only rank 0's, and every process
-    continues from the same ones as a resumed run does."""
-    distributed.average_([b for b in engine.module.buffers() if b.is_floating_point()])
+    follow the checkpoint's."""
     latents.flush()
     _share_latent_slots(latents)
     slots = latents.store.live if isinstance(latents, WriteBackCache) else None
