@@ -366,9 +366,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
+    distributed.init_distributed()  # picks DeepSpeed's accelerator before it is imported
     import deepspeed
 
-    distributed.init_distributed()
     lifecycle.watch_launchers()
     _set_threads()
     rank, world = distributed.rank(), distributed.world_size()
