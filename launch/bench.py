@@ -2,6 +2,7 @@
 
 python launch/bench.py latent       # batched latent nets vs a per-image loop
 python launch/bench.py store        # latents paged through the Zarr store vs in RAM
+python launch/bench.py step         # the trainer's step vs a bare PyTorch loop, local and S3
 python launch/bench.py scale        # 1,000,000 vs 10,000 images: creation time, peak RSS
 python launch/bench.py throughput   # raw store MB/s vs a plain file on the same disk
 """

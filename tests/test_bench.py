@@ -32,3 +32,24 @@ def test_json_output_is_only_the_json_object(monkeypatch, capfd):
     assert bench.main(["noisy"]) == 0
     out, _ = capfd.readouterr()
     assert "ratio  1.5" in out
+
+
+def test_step_benchmark_compares_the_trainer_with_a_bare_loop_locally_and_on_s3():
+    from tests.conftest import run_script
+
+    code = (
+        "import json; from lcm_dist.benchmarks import step; step.WARMUP, step.PAIRS = 1, 2; "
+        "print(json.dumps(step.bench_step(images=64, presets=('demo32',), inner=(1,))))"
+    )
+    proc = run_script("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["cases"]) == {"demo32_inner1_local", "demo32_inner1_s3"}
+    for case in result["cases"].values():
+        assert case["trainer_ms"] > 0 and case["bare_ms"] > 0
+        assert (
+            case["ratio"] == round(case["trainer_ms"] / case["bare_ms"], 3)
+            or abs(case["ratio"] - case["trainer_ms"] / case["bare_ms"]) < 0.01
+        )
+    assert result["trainer_vs_bare"] == result["cases"]["demo32_inner1_local"]["ratio"]
+    assert result["trainer_vs_bare_s3"] == result["cases"]["demo32_inner1_s3"]["ratio"]

@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from lcm_dist.benchmarks.latent import bench_latent
 from lcm_dist.benchmarks.scale import bench_scale
+from lcm_dist.benchmarks.step import bench_step
 from lcm_dist.benchmarks.store import bench_store
 from lcm_dist.benchmarks.throughput import bench_throughput
 
 BENCHMARKS: dict[str, Callable[..., dict]] = {
     "latent": bench_latent,
     "store": bench_store,
+    "step": bench_step,
     "scale": bench_scale,
     "throughput": bench_throughput,
 }

@@ -1,0 +1,291 @@
+"""A run's parts, built once and in order from its config: the data plan, the latent table,
+the models and the DeepSpeed engine, the position to start from. Also the checkpoint commit,
+which gathers the parts' state.
+
+Every process calls these together: the steps that can fail on one process alone (reading the
+shards' manifest, opening the store, reading the checkpoint) run under
+``distributed.together``, so a failure anywhere stops every process at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lcm_dist import checkpoint, distributed, lifecycle
+from lcm_dist.cache import WriteBackCache
+from lcm_dist.config import RunConfig, config_to_dict
+from lcm_dist.data import ShardLoader, chunk_need_order
+from lcm_dist.latent_net import initial_phi
+from lcm_dist.latent_store import open_run_store, resolve_url
+from lcm_dist.latent_table import InMemoryLatentTable
+from lcm_dist.shards import load_manifest
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    """The DeepSpeed section as given, with the batch size filled in from ``data.batch_size``."""
+    ds = dict(cfg.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    # DeepSpeed prints a line every steps_per_print optimizer steps; the run has its own logs.
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    zero = dict(ds.get("zero_optimization", {}))
+    if zero.get("stage", 0) >= 1:
+        if "zero_allow_untested_optimizer" not in ds:
+            # ZeRO refuses optimizers it has not been tested with (plain SGD among them).
+            ds["zero_allow_untested_optimizer"] = True
+        if not torch.cuda.is_available():
+            # DeepSpeed's default buckets (5e8 elements, sized for GPUs) make every ZeRO step
+            # on a CPU fault in gigabytes of fresh pages: 3.4 s per demo step instead of 0.17 s.
+            zero.setdefault("reduce_bucket_size", 5_000_000)
+            zero.setdefault("allgather_bucket_size", 5_000_000)
+            ds["zero_optimization"] = zero
+    return ds
+
+
+def set_threads() -> None:
+    """Share the node's cores between its processes under every launcher (the deepspeed
+    launcher sets no OMP_NUM_THREADS, so each process would take every core); an
+    OMP_NUM_THREADS in the environment wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // distributed.local_world_size()))
+
+
+def open_latents(
+    cfg: RunConfig, manifest: dict, commit: checkpoint.Commit | None = None
+) -> WriteBackCache | InMemoryLatentTable:
+    """The run's phi rows: the Zarr store (rank 0 creates it for a new run) behind a write-back
+    cache, set to the slots of ``commit`` when resuming; or, with ``store.in_ram``, a table in
+    this process's memory. Every process calls this together; an error on any stops all."""
+    if cfg.store.in_ram:
+        if distributed.world_size() > 1:
+            raise ValueError(
+                "store.in_ram keeps latents private to one process; with several processes use "
+                "the Zarr store (set store.in_ram to false)"
+            )
+        if commit is not None:
+            raise checkpoint.CheckpointError(
+                f"the run in {cfg.run_dir} kept its latents in RAM (store.in_ram), so they were "
+                "not saved and it cannot be resumed; start a new run_dir"
+            )
+        return InMemoryLatentTable(manifest["num_samples"], initial_phi(cfg.model))
+    main = distributed.is_main()
+    # Rank 0 creates the store of a new run before the others open it.
+    store = distributed.together(
+        "opening the latent store",
+        lambda: open_run_store(cfg, manifest, create=commit is None) if main else None,
+    )
+    if not main:
+        store = distributed.together(
+            "opening the latent store", lambda: open_run_store(cfg, manifest, create=False)
+        )
+    else:
+        distributed.together("opening the latent store", lambda: None)
+    return distributed.together(
+        "setting up the latent cache", lambda: _latent_cache(cfg, store, commit)
+    )
+
+
+def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> WriteBackCache:
+    if commit is not None:
+        store.restore_slots(commit.slots)
+    elif (store.committed >= 0).any():
+        # A new run may reuse a store only if nothing was ever committed to it (e.g. the same
+        # command crashed before its first checkpoint).
+        raise ValueError(
+            f"the latent store {store.url} holds latents committed by another run, and "
+            f"{cfg.run_dir} has no checkpoint of it; point store.url elsewhere or delete it"
+        )
+    # A batch draws from each loader worker's shuffle window of consecutive rows, so it touches
+    # at most this many chunks (and never more than one per image).
+    d, rows = cfg.data, store.rows_per_chunk
+    window_chunks = -(-(d.shuffle_buffer + d.batch_size) // rows) + 1
+    chunks = min(d.batch_size, max(1, d.num_workers) * window_chunks)
+    min_budget = chunks * rows * store.phi_size * 4
+    if cfg.store.cache_bytes < min_budget:
+        raise ValueError(
+            f"store.cache_bytes ({cfg.store.cache_bytes}) is below the {min_budget} bytes that "
+            f"the {chunks} chunks of {rows} rows one batch may touch need; raise it"
+        )
+    return WriteBackCache(
+        store, cfg.store.cache_bytes, cfg.store.io_threads, cfg.store.prefetch_chunks
+    )
+
+
+def _chunk_order(cfg: RunConfig, loader: ShardLoader, latents, epoch: int) -> list[int]:
+    if isinstance(latents, InMemoryLatentTable):
+        return []
+    shard_ids, _ = loader.plan(epoch)
+    return chunk_need_order(
+        loader.manifest, shard_ids, cfg.data.num_workers, latents.rows_per_chunk
+    )
+
+
+def share_latent_slots(latents) -> None:
+    """Tell every process where the others wrote their chunks. Every process has finished its
+    writes before this (flush) and the exchange is a collective, so the next reads see every
+    chunk's newest data. Nothing is committed here: only a checkpoint commits."""
+    changes = latents.changes()
+    if distributed.world_size() > 1:
+        # Each chunk was written by at most one process: -2 marks "not mine", MAX merges.
+        table = torch.full((latents.store.num_chunks,), -2, dtype=torch.int32)
+        for chunk, slot in changes.items():
+            table[chunk] = slot
+        table = distributed.max_over_ranks(table)
+        changes = {int(c): int(table[c]) for c in torch.nonzero(table > -2).flatten()}
+    latents.apply_changes(changes)
+
+
+# What decides the order in which an epoch deals its images: a resumed run whose values differ
+# from the checkpoint's cannot continue the interrupted epoch where it stopped.
+_PLAN_KEYS = {
+    "world_size": "processes",
+    "num_workers": "data.num_workers",
+    "batch_size": "data.batch_size",
+    "seed": "train.seed",
+    "shuffle_buffer": "data.shuffle_buffer",
+}
+
+
+def _data_plan(cfg: RunConfig) -> dict:
+    return {
+        "world_size": distributed.world_size(),
+        "num_workers": cfg.data.num_workers,
+        "batch_size": cfg.data.batch_size,
+        "seed": cfg.train.seed,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+    }
+
+
+def commit_checkpoint(
+    cfg: RunConfig, engine, latents, step: int, position: tuple[int, int], num_images: int
+) -> None:
+    """Flush the latents, save everything and commit it; then the store's committed slots
+    follow the checkpoint's."""
+    latents.flush()
+    share_latent_slots(latents)
+    slots = latents.store.live if isinstance(latents, WriteBackCache) else None
+    state = {
+        "step": step,
+        "epoch": position[0],
+        "batch_in_epoch": position[1],
+        **_data_plan(cfg),
+        "model": config_to_dict(cfg)["model"],
+        "loss": {"levels": cfg.train.lap_levels, "mse_weight": cfg.train.mse_weight},
+        "num_images": num_images,
+        "shards": cfg.data.shards,
+        "store_url": None if cfg.store.in_ram else resolve_url(cfg),
+    }
+    checkpoint.save(engine, cfg.run_dir, step, state, slots)
+    latents.commit(persist=distributed.is_main())
+    if distributed.is_main():
+        checkpoint.prune(cfg.run_dir, cfg.checkpoint.keep_latest)
+
+
+def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images: int) -> None:
+    ours, theirs = config_to_dict(cfg)["model"], commit.state["model"]
+    if ours != theirs:
+        diff = ", ".join(
+            f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)
+        )
+        raise checkpoint.CheckpointError(
+            f"the config's model differs from the one checkpointed in {commit.folder} ({diff}); "
+            "resume with the run's own model config, or use a new run_dir"
+        )
+    url = None if cfg.store.in_ram else resolve_url(cfg)
+    if commit.state["store_url"] != url:
+        raise checkpoint.CheckpointError(
+            f"the run in {cfg.run_dir} keeps its latents in {commit.state['store_url']}, but the "
+            f"config says {url}; resume with the run's own store settings"
+        )
+    trained_on = commit.state.get("num_images")
+    if trained_on is not None and trained_on != num_images:
+        raise checkpoint.CheckpointError(
+            f"the shards in {cfg.data.shards} hold {num_images} images but the run in "
+            f"{cfg.run_dir} was checkpointed on {trained_on}; resume with the run's own shards, "
+            "or start a new run_dir"
+        )
+
+
+def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
+    """Checks that need no other process: the shards, the held-back images, the run lock (rank
+    0) and the newest commit. Returns (manifest, lock, commit)."""
+    manifest = load_manifest(cfg.data.shards)
+    if manifest["image_size"] != cfg.model.image_size:
+        raise ValueError(
+            f"shards in {cfg.data.shards} hold {manifest['image_size']}px images but "
+            f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
+        )
+    if cfg.log.restore_every_steps:
+        from lcm_dist.shards import collect_sources
+
+        collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
+    lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
+    commit = checkpoint.find_latest(cfg.run_dir)
+    if commit is not None:
+        _check_commit_matches(cfg, commit, manifest["num_samples"])
+    return manifest, lock, commit
+
+
+def start_position(cfg: RunConfig, engine, commit: checkpoint.Commit | None):
+    """(first step, epoch, batch in epoch, note for the log) of a new or resumed run; loads
+    the engine and this process's RNG state from ``commit``."""
+    if commit is None:
+        return 1, 0, 0, ""
+    world = distributed.world_size()
+    same_world = commit.state["world_size"] == world
+    if not same_world and engine.zero_optimization_stage() == 3:
+        raise checkpoint.CheckpointError(
+            f"the run in {cfg.run_dir} was checkpointed by {commit.state['world_size']} "
+            f"processes under ZeRO stage 3, which partitions the weights per process; resume "
+            f"it with {commit.state['world_size']} processes (stages 0-2 resume with any number)"
+        )
+    with_optimizer = checkpoint.load_engine(engine, commit, same_world)
+    epoch, batch = commit.state["epoch"], commit.state["batch_in_epoch"]
+    plan = _data_plan(cfg)
+    changed = [
+        name for key, name in _PLAN_KEYS.items() if commit.state.get(key, plan[key]) != plan[key]
+    ]
+    restarted = ""
+    if not changed:
+        rng = torch.load(commit.folder / f"rng-rank{distributed.rank()}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+    elif batch:
+        # The interrupted epoch's remaining images cannot be told apart under another plan:
+        # the epoch starts again (its images seen so far are trained once more).
+        restarted = f", epoch {epoch} restarted ({', '.join(changed)} changed)"
+        batch = 0
+    note = (
+        f"; resuming from {commit.tag} ({commit.state['world_size']} -> {world} processes"
+        + ("" if with_optimizer else ", optimizer state reset")
+        + restarted
+        + ")"
+    )
+    return commit.state["step"] + 1, epoch, batch, note
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: via pinned memory on a GPU."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def next_batch(batches, latents, loader, cfg, epoch):
+    """The next batch and its phi rows (host memory); a new epoch first writes back and shares
+    the last one's latents. Returns (batch, phi, io stats at the epoch's end or None)."""
+    batch = next(batches)
+    ended = None
+    if batch.epoch != epoch:
+        if epoch is not None:
+            latents.end_epoch()
+            share_latent_slots(latents)
+            ended = latents.stats()
+        latents.begin_epoch(_chunk_order(cfg, loader, latents, batch.epoch), batch.skipped_rows)
+    return batch, latents.read_rows(batch.rows), ended
