@@ -14,7 +14,7 @@ import os
 import torch
 
 from lcm_dist import checkpoint, distributed, lifecycle
-from lcm_dist.cache import WriteBackCache
+from lcm_dist.cache import WriteBackCache, min_cache_bytes
 from lcm_dist.config import RunConfig, config_to_dict
 from lcm_dist.data import ShardLoader, chunk_need_order
 from lcm_dist.latent_net import initial_phi
@@ -100,12 +100,8 @@ def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> Wr
             f"the latent store {store.url} holds latents committed by another run, and "
             f"{cfg.run_dir} has no checkpoint of it; point store.url elsewhere or delete it"
         )
-    # A batch draws from each loader worker's shuffle window of consecutive rows, so it touches
-    # at most this many chunks (and never more than one per image).
-    d, rows = cfg.data, store.rows_per_chunk
-    window_chunks = -(-(d.shuffle_buffer + d.batch_size) // rows) + 1
-    chunks = min(d.batch_size, max(1, d.num_workers) * window_chunks)
-    min_budget = chunks * rows * store.phi_size * 4
+    rows = store.rows_per_chunk
+    chunks, min_budget = min_cache_bytes(cfg.data, rows, store.phi_size)
     if cfg.store.cache_bytes < min_budget:
         raise ValueError(
             f"store.cache_bytes ({cfg.store.cache_bytes}) is below the {min_budget} bytes that "
