@@ -13,18 +13,11 @@ import argparse
 import json
 import sys
 
+from lcm_dist.cache_replay import synthetic_manifest
 from lcm_dist.config import add_override_argument, load_config
-from lcm_dist.plan import (
-    Cluster,
-    assumptions_text,
-    compression_ratio,
-    make_plan,
-    measure_inner_step,
-    model_cost,
-    sample_rows,
-    synthetic_manifest,
-)
+from lcm_dist.plan import assumptions_text, compression_ratio, make_plan, sample_rows
 from lcm_dist.shards import load_manifest
+from lcm_dist.step_cost import Cluster, measure_inner_step, model_cost
 
 DEFAULTS = Cluster()
 
@@ -100,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = load_manifest(cfg.data.shards)
             dataset = f"the manifest of {cfg.data.shards}"
-        step_seconds, step_note = args.step_seconds, ""
-        if args.measure:
-            inner, step_note = measure_inner_step(cfg)
-            step_seconds = inner * cfg.train.inner_steps
+        measured = measure_inner_step(cfg) if args.measure else None
         cluster = Cluster(
             nodes=args.nodes,
             gpus_per_node=args.gpus_per_node,
@@ -112,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             interconnect_gbps=args.interconnect_gbps,
             store_mbps=args.store_mbps,
             checkpoint_mbps=args.checkpoint_mbps,
-            step_seconds=step_seconds,
+            step_seconds=args.step_seconds,
         )
         rows, rows_note = sample_rows(cfg, 64)
         ratio = compression_ratio(cfg, rows)
         plan = make_plan(
-            cfg, manifest, dataset, cluster, model_cost(cfg), ratio, rows_note, step_note
+            cfg, manifest, dataset, cluster, model_cost(cfg), ratio, rows_note, measured
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

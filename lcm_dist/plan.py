@@ -4,238 +4,36 @@ Everything here is arithmetic on the config, the shards' manifest (real, or made
 number of images) and a few stated assumptions about the cluster, with three measured inputs:
 
 * the store's traffic and the cache's peak come from replaying one process's first two epochs
-  through the real ``WriteBackCache`` over a store stand-in that moves no data (the epoch plan,
-  the loader's sample order and the checkpoint flushes are the run's own), so eviction under a
-  small budget and the partly trained chunks a checkpoint writes back are counted, not guessed;
-* the compression ratio comes from compressing a chunk of rows with the configured codec: real
-  rows if the run's store exists, else the initial phi plus noise (see ``compression_ratio``);
-* the generator's and latent nets' FLOPs per image come from ``torch.utils.flop_counter``.
+  through the real cache (``lcm_dist.cache_replay``);
+* the compression ratio comes from compressing rows with the configured codec: real rows if
+  the run's store exists, else the initial phi plus noise (``sample_rows``);
+* the FLOPs of an inner step come from ``torch.utils.flop_counter`` (``lcm_dist.step_cost``).
 
 Nothing here talks to other processes.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lcm_dist.cache import WriteBackCache, min_cache_bytes
+from lcm_dist.cache import min_cache_bytes
+from lcm_dist.cache_replay import replay_epochs
 from lcm_dist.config import RunConfig
-from lcm_dist.data import batch_sizes, chunk_need_order, shards_for_rank, steps_per_epoch
-from lcm_dist.latent_store import IOCounters, chunk_bounds, num_chunks, rows_per_chunk_for
+from lcm_dist.data import shards_for_rank, steps_per_epoch
+from lcm_dist.latent_store import num_chunks, rows_per_chunk_for
+from lcm_dist.step_cost import (
+    Cluster,
+    ModelCost,
+    checkpoint_bytes,
+    gradient_itemsize,
+    inner_step_time,
+    ring_traffic_bytes,
+)
 
 PREEMPTION_SECONDS = 30.0
 """torchrun and DeepSpeed's launcher kill the training processes this long after SIGTERM."""
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The cluster a run is planned for; the defaults are stated in every plan's output."""
-
-    nodes: int = 1
-    gpus_per_node: int = 1
-    accelerator_tflops: float = 400.0
-    """Dense bf16 peak of one accelerator, TFLOP/s (a current datacenter GPU: ~400-1000)."""
-    utilisation: float = 0.4
-    """Fraction of that peak the generator's convolutions reach."""
-    interconnect_gbps: float = 100.0
-    """Bandwidth of each process's slowest link in the gradient ring, Gbit/s."""
-    store_mbps: float = 1000.0
-    """Bandwidth of the latent store shared by all processes, MB/s."""
-    checkpoint_mbps: float = 1000.0
-    """Write bandwidth of the run folder's filesystem shared by all processes, MB/s."""
-    step_seconds: float | None = None
-    """Seconds per batch (all inner steps); None = computed from the FLOPs and links above."""
-
-    @property
-    def processes(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
-def synthetic_manifest(num_images: int, samples_per_shard: int, image_size: int) -> dict:
-    """The manifest that ``launch/make_shards.py --samples-per-shard S`` writes for
-    ``num_images`` images (shard bytes unknown)."""
-    if num_images <= 0 or samples_per_shard <= 0:
-        raise ValueError("--images and --samples-per-shard must be positive")
-    shards = [
-        {
-            "name": f"shard-{k:06d}.tar",
-            "first_row": first,
-            "count": min(samples_per_shard, num_images - first),
-        }
-        for k, first in enumerate(range(0, num_images, samples_per_shard))
-    ]
-    return {
-        "image_size": image_size,
-        "samples_per_shard": samples_per_shard,
-        "num_samples": num_images,
-        "shards": shards,
-    }
-
-
-def epoch_row_order(
-    manifest: dict,
-    shard_ids: list[int],
-    num_workers: int,
-    shuffle_buffer: int,
-    seed: int,
-    epoch: int,
-    rank: int,
-) -> np.ndarray:
-    """The rows one process trains in an epoch, in the order its ``ShardLoader`` yields them:
-    each loader worker streams its shards (``shard_ids[w::W]``) block-shuffled in blocks of
-    ``shuffle_buffer`` under ``(seed, epoch, rank, w)``, and the DataLoader takes one sample
-    from each worker in turn, skipping workers that have run out."""
-    workers = max(1, num_workers)
-    block = max(1, shuffle_buffer)
-    streams = []
-    for w in range(workers):
-        entries = [manifest["shards"][i] for i in shard_ids[w::workers]]
-        rows = np.concatenate(
-            [np.arange(e["first_row"], e["first_row"] + e["count"]) for e in entries]
-            or [np.zeros(0, dtype=np.int64)]
-        )
-        rng = np.random.default_rng([seed, epoch, rank, w])
-        parts = [rows[i : i + block] for i in range(0, rows.size, block)]
-        streams.append([part[rng.permutation(part.size)] for part in parts])
-    flat = [np.concatenate(s) if s else np.zeros(0, dtype=np.int64) for s in streams]
-    order, position = [], [0] * workers
-    while any(position[w] < flat[w].size for w in range(workers)):
-        for w in range(workers):
-            if position[w] < flat[w].size:
-                order.append(flat[w][position[w]])
-                position[w] += 1
-    return np.asarray(order, dtype=np.int64)
-
-
-class _CountingStore:
-    """Stands in for a ``LatentStore`` under the real cache: one float per row and no data
-    moved, only the traffic counted (chunks never written read as ``initial``, at no cost)."""
-
-    def __init__(self, num_rows: int, rows_per_chunk: int):
-        self.url = "(plan)"
-        self.num_rows, self.rows_per_chunk, self.phi_size = num_rows, rows_per_chunk, 1
-        self.stall_warning_seconds = 0.0
-        self.last_error = None
-        self.counters = IOCounters()
-        self.written: set[int] = set()
-        self._lock = threading.Lock()
-
-    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        return chunk_bounds(chunk, self.rows_per_chunk, self.num_rows)
-
-    def _rows(self, chunk: int) -> int:
-        lo, hi = self.chunk_bounds(chunk)
-        return hi - lo
-
-    def read_chunk(self, chunk: int, abort=None) -> np.ndarray:
-        with self._lock:
-            if chunk in self.written:
-                self.counters.bytes_read += self._rows(chunk)  # rows, scaled by the caller
-                self.counters.chunk_reads += 1
-        return np.zeros((self._rows(chunk), 1), dtype=np.float32)
-
-    def write_chunk(self, chunk: int, data: np.ndarray, abort=None) -> None:
-        with self._lock:
-            self.written.add(chunk)
-            self.counters.bytes_written += self._rows(chunk)
-            self.counters.chunk_writes += 1
-
-
-def _settle(cache: WriteBackCache) -> None:
-    """Wait until the cache's background reads and writes are done: the store keeps up with
-    the step, which the plan checks separately (store bandwidth)."""
-    with cache._cond:
-        while any(e.state != "ready" for e in cache._entries.values()):
-            cache._cond.wait(timeout=1.0)
-
-
-@dataclass
-class EpochIO:
-    """One process's latent store traffic in one epoch (logical bytes, as the run logs them)."""
-
-    bytes_read: int
-    bytes_written: int
-    chunk_reads: int
-    chunk_writes: int
-    checkpoint_bytes_written: int
-    """Of ``bytes_written``: partly trained chunks written back by checkpoints."""
-    checkpoint_flush_max_bytes: int
-    """The most that one checkpoint wrote back."""
-    peak_resident_bytes: int
-
-
-def replay_epochs(
-    cfg: RunConfig,
-    manifest: dict,
-    world: int,
-    rank: int,
-    rows_per_chunk: int,
-    phi_size: int,
-    epochs: int = 2,
-) -> list[EpochIO]:
-    """One process's store traffic and cache peak in the first ``epochs`` epochs, from the real
-    cache replaying the run's batches (checkpoint flushes included). Bytes are logical: rows x
-    P x the storage itemsize for traffic, float32 for the cache (as the run counts them)."""
-    d = cfg.data
-    store = _CountingStore(manifest["num_samples"], rows_per_chunk)
-    row_bytes = phi_size * 4
-    # The cache measures its budget in float32 rows; with one float per row, a budget of
-    # floor(cache_bytes / row_bytes) rows admits exactly the chunks the real one admits.
-    budget = cfg.store.cache_bytes // row_bytes * 4
-    cache = WriteBackCache(store, budget, cfg.store.io_threads, cfg.store.prefetch_chunks)
-    steps = steps_per_epoch(manifest, world, d.batch_size)
-    itemsize = np.dtype(cfg.store.dtype).itemsize
-    results, step = [], 0
-    try:
-        for epoch in range(epochs):
-            ids = shards_for_rank(len(manifest["shards"]), cfg.train.seed, epoch, rank, world)
-            order = epoch_row_order(
-                manifest, ids, d.num_workers, d.shuffle_buffer, cfg.train.seed, epoch, rank
-            )
-            before = IOCounters(**vars(store.counters))
-            cache.peak_resident = 0
-            cache.begin_epoch(chunk_need_order(manifest, ids, d.num_workers, rows_per_chunk))
-            flushed, flush_max, start = 0, 0, 0
-            for size in batch_sizes(order.size, steps):
-                rows = order[start : start + size]
-                start += size
-                step += 1
-                values = cache.read_rows(rows)
-                cache.write_rows(rows, values)
-                _settle(cache)
-                every = cfg.checkpoint.every_steps
-                if every and step % every == 0:
-                    # A checkpoint writes back the chunks the epoch is still working on.
-                    with cache._cond:
-                        dirty = sum(
-                            e.nbytes // 4
-                            for e in cache._entries.values()
-                            if e.state == "ready" and e.dirty
-                        )
-                    cache.flush()
-                    flushed, flush_max = flushed + dirty, max(flush_max, dirty)
-            cache.end_epoch()
-            # Every row has now been trained by some process: from the next epoch on, every
-            # chunk this process needs is read from the store.
-            store.written.update(range(num_chunks(store.num_rows, rows_per_chunk)))
-            c = store.counters
-            results.append(
-                EpochIO(
-                    bytes_read=(c.bytes_read - before.bytes_read) * phi_size * itemsize,
-                    bytes_written=(c.bytes_written - before.bytes_written) * phi_size * itemsize,
-                    chunk_reads=c.chunk_reads - before.chunk_reads,
-                    chunk_writes=c.chunk_writes - before.chunk_writes,
-                    checkpoint_bytes_written=flushed * phi_size * itemsize,
-                    checkpoint_flush_max_bytes=flush_max * phi_size * itemsize,
-                    peak_resident_bytes=cache.peak_resident // 4 * row_bytes,
-                )
-            )
-    finally:
-        cache.close()
-    return results
 
 
 def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
@@ -303,132 +101,6 @@ def compression_ratio(cfg: RunConfig, rows: np.ndarray) -> float:
     return store.chunk_nbytes(0) / stored
 
 
-@dataclass(frozen=True)
-class ModelCost:
-    """What one image costs in one inner step (forward and backward), counted by
-    ``torch.utils.flop_counter``, and the generator's size."""
-
-    generator_parameters: int
-    generator_buffers: int
-    forward_flops: int
-    """Latent net and generator forward, per image."""
-    backward_flops: int
-    """Their backward (gradients for phi, theta and every activation), per image."""
-
-
-def model_cost(cfg: RunConfig) -> ModelCost:
-    """Counts the FLOPs of one image's inner step: the generator on the meta device (nothing
-    computed), the latent net on the CPU (a few MFLOP)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lcm_dist.generator import Generator, count_parameters
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi
-
-    m = cfg.model
-    side = m.noise_size - 2 * len(m.latent_widths)
-    net = BatchedLatentNet(m)
-    phi = initial_phi(m)[None].clone().requires_grad_(True)
-    with FlopCounterMode(display=False) as fwd_net:
-        z = net(phi)
-    with FlopCounterMode(display=False) as bwd_net:
-        z.sum().backward()
-    with torch.device("meta"):
-        gen = Generator(m)
-        # Two images: BatchNorm in training mode needs more than one value per channel.
-        z = torch.zeros(2, m.latent_widths[-1], side, side, requires_grad=True)
-    with FlopCounterMode(display=False) as fwd_gen:
-        out = gen(z)
-    with FlopCounterMode(display=False) as bwd_gen:
-        out.sum().backward()
-    return ModelCost(
-        generator_parameters=count_parameters(gen),
-        generator_buffers=sum(b.numel() for b in gen.buffers() if b.is_floating_point()),
-        forward_flops=fwd_net.get_total_flops() + fwd_gen.get_total_flops() // 2,
-        backward_flops=bwd_net.get_total_flops() + bwd_gen.get_total_flops() // 2,
-    )
-
-
-def gradient_itemsize(ds: dict) -> int:
-    """Bytes per gradient element DeepSpeed reduces: ``communication_data_type`` if set, else
-    the generator's dtype (bf16 with ``deepspeed.bf16``, else fp32)."""
-    comm = ds.get("communication_data_type")
-    if comm:
-        return 4 if str(comm).lower() in ("fp32", "float32") else 2
-    return 2 if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") else 4
-
-
-def ring_traffic_bytes(payload: int, processes: int, zero_stage: int) -> float:
-    """Bytes each process sends per inner step to reduce the gradients over ``processes``:
-    a ring all-reduce (or ZeRO 1-2's reduce-scatter plus all-gather) moves 2 (P-1)/P of the
-    payload; ZeRO-3 gathers the parameters once more for the backward pass: 3 (P-1)/P."""
-    if processes <= 1:
-        return 0.0
-    return (3 if zero_stage == 3 else 2) * (processes - 1) / processes * payload
-
-
-@dataclass(frozen=True)
-class StepTime:
-    """One inner step of one process: compute, gradient communication and what is exposed."""
-
-    compute_seconds: float
-    comm_seconds: float
-    exposed_comm_seconds: float
-
-    @property
-    def seconds(self) -> float:
-        return self.compute_seconds + self.exposed_comm_seconds
-
-    @property
-    def efficiency(self) -> float:
-        """Scaling efficiency: the share of the step spent computing."""
-        return self.compute_seconds / self.seconds
-
-
-def inner_step_time(
-    cost: ModelCost,
-    batch_size: int,
-    cluster: Cluster,
-    grad_itemsize: int,
-    zero_stage: int,
-    overlap: bool,
-) -> StepTime:
-    """Compute at the cluster's sustained FLOP/s, plus the gradient reduction at its link
-    bandwidth; with ``overlap`` the reduction runs during the backward pass and only what
-    outlasts it is exposed."""
-    flops = (cost.forward_flops + cost.backward_flops) * batch_size
-    rate = cluster.accelerator_tflops * 1e12 * cluster.utilisation
-    compute = flops / rate
-    backward = cost.backward_flops * batch_size / rate
-    payload = cost.generator_parameters * grad_itemsize
-    traffic = ring_traffic_bytes(payload, cluster.processes, zero_stage)
-    comm = traffic * 8 / (cluster.interconnect_gbps * 1e9)
-    exposed = max(0.0, comm - backward) if overlap else comm
-    return StepTime(compute, comm, exposed)
-
-
-def checkpoint_bytes(cfg: RunConfig, cost: ModelCost, processes: int, chunks: int) -> dict:
-    """Bytes of one checkpoint folder by file kind: the generator's fp32 weights
-    (generator.safetensors), DeepSpeed's module weights in the generator's dtype, its optimizer
-    state (an fp32 master copy under ZeRO >= 1 or bf16, plus SGD momentum or Adam's two
-    moments), each process's RNG and BatchNorm statistics, and the slot table."""
-    ds = cfg.deepspeed
-    p, buffers = cost.generator_parameters, cost.generator_buffers
-    bf16 = isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    opt = ds["optimizer"]
-    kind, params = opt["type"].lower(), opt.get("params", {})
-    per_param = 8 if "adam" in kind else 4 if params.get("momentum", 0) else 0
-    master = 4 if (stage >= 1 or bf16) else 0
-    return {
-        "generator.safetensors": 4 * (p + buffers),
-        "engine weights": (2 if bf16 else 4) * (p + buffers),
-        "optimizer state": (master + per_param) * p,
-        "RNG and BatchNorm statistics": processes * (4 * buffers + 6_000),
-        "slot table": chunks,
-    }
-
-
 @dataclass
 class Plan:
     """A run's needs: every number the plan prints, and its warnings."""
@@ -467,6 +139,8 @@ def _b(n: float) -> str:
 
 
 def _t(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
     if seconds < 1:
         return f"{seconds * 1000:.2f} ms"
     if seconds < 120:
@@ -484,10 +158,11 @@ def make_plan(
     cost: ModelCost,
     ratio: float,
     ratio_note: str,
-    step_note: str = "",
+    measured: tuple[float, str] | None = None,
 ) -> Plan:
     """The plan of ``cfg`` on ``cluster`` for the dataset ``manifest``; ``cost`` and ``ratio``
-    are measured by ``model_cost`` and ``compression_ratio``."""
+    are measured by ``model_cost`` and ``compression_ratio``; ``measured``, from
+    ``measure_inner_step``, replaces the computed compute time of an inner step."""
     from lcm_dist.latent_net import phi_layout
 
     plan = Plan()
@@ -567,7 +242,8 @@ def make_plan(
     own = sum(
         manifest["shards"][i]["count"] for i in shards_for_rank(shards, cfg.train.seed, 1, 0, world)
     )
-    plan.add("cache peak", f"{_b(steady.peak_resident_bytes)}")
+    peak = max(first.peak_resident_bytes, steady.peak_resident_bytes)
+    plan.add("cache peak", f"{_b(peak)}")
     for name, e in (("epoch 0", first), ("epoch 1+", steady)):
         plan.add(
             name,
@@ -577,7 +253,7 @@ def make_plan(
     amplification = (steady.bytes_read + steady.bytes_written) / (2 * own * phi * itemsize)
     plan.add("I/O amplification", f"{amplification:.2f} (epoch 1+; 1.00 = each row once each way)")
     plan.numbers.update(
-        cache_peak_bytes=max(first.peak_resident_bytes, steady.peak_resident_bytes),
+        cache_peak_bytes=peak,
         epoch0_bytes_read=first.bytes_read,
         epoch0_bytes_written=first.bytes_written,
         epoch_bytes_read=steady.bytes_read,
@@ -650,10 +326,14 @@ def make_plan(
         )
 
     # The step time the store must keep up with.
-    step_seconds = cluster.step_seconds or cfg.train.inner_steps * t.seconds
-    note = step_note or (
-        "given" if cluster.step_seconds else f"{cfg.train.inner_steps} x the inner step above"
-    )
+    if cluster.step_seconds:
+        step_seconds, note = cluster.step_seconds, "given"
+    elif measured:
+        step_seconds = cfg.train.inner_steps * (measured[0] + t.exposed_comm_seconds)
+        note = f"{cfg.train.inner_steps} x ({measured[1]}, plus the exposed reduction above)"
+    else:
+        step_seconds = cfg.train.inner_steps * t.seconds
+        note = f"{cfg.train.inner_steps} x the inner step above"
     plan.section("store bandwidth (epoch 1+, compressed bytes on the wire)")
     plan.add("batch", f"{_t(step_seconds)} ({note})")
     per_process = (steady.bytes_read + steady.bytes_written) / ratio / (steps * step_seconds)
@@ -662,9 +342,16 @@ def make_plan(
         "all processes",
         f"{_b(per_process * world)}/s against the store's {cluster.store_mbps:g} MB/s",
     )
+    shard_bytes = [e.get("bytes", 0) for e in manifest["shards"]]
+    if all(shard_bytes):
+        images = sum(shard_bytes) / n * d.batch_size / step_seconds
+        plan.add("shards", f"{_b(images)}/s of images per process (shard bytes / image)")
     epoch_seconds = steps * step_seconds
+    plan.add("epoch", f"{_t(epoch_seconds)} ({steps:,} batches)")
     plan.add(
-        "epoch", f"{_t(epoch_seconds)}; train.max_steps = {cfg.train.max_steps / steps:.1f} epochs"
+        "run",
+        f"{_t(cfg.train.max_steps * step_seconds)} for train.max_steps "
+        f"{cfg.train.max_steps:,} ({cfg.train.max_steps / steps:.1f} epochs)",
     )
     plan.numbers.update(store_bytes_per_second=per_process * world, step_seconds=step_seconds)
     if per_process * world > cluster.store_mbps * 1e6:
@@ -695,8 +382,9 @@ def make_plan(
     if seconds > PREEMPTION_SECONDS:
         plan.warnings.append(
             f"a checkpoint takes {_t(seconds)}, longer than the {PREEMPTION_SECONDS:.0f} s a "
-            "launcher waits after SIGTERM, so a preempted run loses its last batches; give the "
-            "run folder more bandwidth or use ZeRO stage >= 1 with fewer optimizer states"
+            "launcher waits after SIGTERM, so a preempted run is killed before it commits (and "
+            "resumes from the commit before); give the run folder and the store more bandwidth "
+            "or lower data.shuffle_buffer (fewer partly trained chunks to write back)"
         )
     return plan
 
@@ -709,40 +397,3 @@ def assumptions_text(cluster: Cluster) -> str:
         f"process for gradients, store {cluster.store_mbps:g} MB/s and run folder "
         f"{cluster.checkpoint_mbps:g} MB/s shared by all processes"
     )
-
-
-def measure_inner_step(cfg: RunConfig, repeats: int = 3) -> tuple[float, str]:
-    """Seconds of one inner step (latent nets and generator forward and backward, SGD on both)
-    at ``data.batch_size`` on this machine's first GPU or its CPU, the best of ``repeats``
-    after one warm-up, and what it ran on; one process, no gradient reduction."""
-    import time
-
-    import torch
-
-    from lcm_dist.generator import Generator
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi
-    from lcm_dist.loss import lcm_loss
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m, b = cfg.model, cfg.data.batch_size
-    net, gen = BatchedLatentNet(m).to(device), Generator(m).to(device)
-    phi = initial_phi(m).to(device).repeat(b, 1).requires_grad_(True)
-    images = torch.rand(b, m.image_channels, m.image_size, m.image_size, device=device)
-    optimizer = torch.optim.SGD(gen.parameters(), lr=1e-3)
-    times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = lcm_loss(gen(net(phi)), images, cfg.train.lap_levels, cfg.train.mse_weight)
-        loss["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            phi -= 1e-3 * phi.grad
-            phi.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "this machine's CPU"
-    return min(times[1:]), f"one inner step measured on {name}: {_t(min(times[1:]))}"

@@ -7,20 +7,19 @@ import json
 import pytest
 import torch
 
+from lcm_dist.cache_replay import epoch_row_order, synthetic_manifest
 from lcm_dist.config import config_from_dict, load_config
 from lcm_dist.data import ShardLoader
-from lcm_dist.plan import (
+from lcm_dist.plan import make_plan
+from lcm_dist.shards import load_manifest
+from lcm_dist.step_cost import (
     Cluster,
     ModelCost,
     checkpoint_bytes,
-    epoch_row_order,
     gradient_itemsize,
     inner_step_time,
-    make_plan,
     ring_traffic_bytes,
-    synthetic_manifest,
 )
-from lcm_dist.shards import load_manifest
 from tests.conftest import run_config, run_script
 from tests.test_trainer import read_scalars
 
