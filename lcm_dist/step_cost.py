@@ -54,7 +54,7 @@ class ModelCost:
 
 def model_cost(cfg: RunConfig) -> ModelCost:
     """Counts the FLOPs of one image's inner step: the generator on the meta device (nothing
-    computed), the latent net on the CPU (a few MFLOP)."""
+    computed), the latent net on the CPU (tens of MFLOP)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
