@@ -251,3 +251,23 @@ def test_bad_arguments_are_one_line_errors():
     proc = run_script("launch/plan.py", "--config", "configs/big.json", "--images", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --images and --samples-per-shard must be positive"
+
+
+def test_batch_time_given_measured_or_computed(tmp_path):
+    cfg = _cfg(tmp_path, train={"inner_steps": 5})
+    manifest = synthetic_manifest(256, 16, cfg.model.image_size)
+
+    def numbers(cluster, measured=None):
+        plan = make_plan(cfg, manifest, "test", cluster, COST, 2.0, "test", measured)
+        return plan.numbers
+
+    computed = numbers(FAST)
+    # 4 images x 3 GFLOP at 400 TFLOP/s x 0.4, one process: no reduction.
+    assert computed["step_seconds"] == pytest.approx(5 * 4 * 3e9 / 160e12)
+    assert numbers(FAST, (0.5, "measured"))["step_seconds"] == pytest.approx(5 * 0.5)
+    given = numbers(Cluster(step_seconds=2.0, store_mbps=1e6, checkpoint_mbps=1e6))
+    assert given["step_seconds"] == 2.0
+    # The steady epoch's traffic, compressed 2x, over its 64 batches of 2 s.
+    traffic = given["epoch_bytes_read"] + given["epoch_bytes_written"]
+    assert traffic == 2 * 256 * P * 4  # each row once each way: no checkpoints, ample cache
+    assert given["store_bytes_per_second"] == pytest.approx(traffic / 2.0 / (64 * 2.0))
