@@ -128,8 +128,8 @@ class EpochIO:
     chunk_writes: int
     checkpoint_bytes_written: int
     """Of ``bytes_written``: partly trained chunks written back by checkpoints."""
-    checkpoint_flush_max_bytes: int
-    """The most that one checkpoint wrote back."""
+    dirty_peak_bytes: int
+    """The most partly trained data held after any batch: what a checkpoint may write back."""
     peak_resident_bytes: int
 
 
@@ -164,7 +164,7 @@ def replay_epochs(
             before = IOCounters(**vars(store.counters))
             cache.peak_resident = 0
             cache.begin_epoch(chunk_need_order(manifest, ids, d.num_workers, rows_per_chunk))
-            flushed, flush_max, start = 0, 0, 0
+            flushed, dirty_peak, start = 0, 0, 0
             for size in batch_sizes(order.size, steps):
                 rows = order[start : start + size]
                 start += size
@@ -172,17 +172,14 @@ def replay_epochs(
                 values = cache.read_rows(rows)
                 cache.write_rows(rows, values)
                 _settle(cache)
+                # A checkpoint now would write back the chunks the epoch is still working on.
+                with cache._cond:
+                    dirty = sum(e.nbytes // 4 for e in cache._entries.values() if e.dirty)
+                dirty_peak = max(dirty_peak, dirty)
                 every = cfg.checkpoint.every_steps
                 if every and step % every == 0:
-                    # A checkpoint writes back the chunks the epoch is still working on.
-                    with cache._cond:
-                        dirty = sum(
-                            e.nbytes // 4
-                            for e in cache._entries.values()
-                            if e.state == "ready" and e.dirty
-                        )
                     cache.flush()
-                    flushed, flush_max = flushed + dirty, max(flush_max, dirty)
+                    flushed += dirty
             cache.end_epoch()
             # Every row has now been trained by some process: from the next epoch on, every
             # chunk this process needs is read from the store.
@@ -195,7 +192,7 @@ def replay_epochs(
                     chunk_reads=c.chunk_reads - before.chunk_reads,
                     chunk_writes=c.chunk_writes - before.chunk_writes,
                     checkpoint_bytes_written=flushed * phi_size * itemsize,
-                    checkpoint_flush_max_bytes=flush_max * phi_size * itemsize,
+                    dirty_peak_bytes=dirty_peak * phi_size * itemsize,
                     peak_resident_bytes=cache.peak_resident // 4 * row_bytes,
                 )
             )

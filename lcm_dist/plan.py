@@ -322,7 +322,10 @@ def make_plan(
         plan.warnings.append(
             f"the generator's gradient reduction takes {t.comm_seconds / t.compute_seconds:.1f}x "
             f"its compute per inner step (scaling efficiency {t.efficiency:.0%}); raise "
-            "data.batch_size, enable deepspeed.bf16, or train on fewer processes"
+            "data.batch_size"
+            + (", enable deepspeed.bf16" if grad_itemsize == 4 else "")
+            + (", set deepspeed.zero_optimization.overlap_comm" if not overlap else "")
+            + " or train on fewer processes"
         )
 
     # The step time the store must keep up with.
@@ -364,8 +367,7 @@ def make_plan(
     # Checkpoints.
     files = checkpoint_bytes(cfg, cost, world, chunks)
     total = sum(files.values())
-    flush = max(first.checkpoint_flush_max_bytes, steady.checkpoint_flush_max_bytes)
-    flush = flush * world / ratio
+    flush = max(first.dirty_peak_bytes, steady.dirty_peak_bytes) * world / ratio
     seconds = total / (cluster.checkpoint_mbps * 1e6) + flush / (cluster.store_mbps * 1e6)
     plan.section("checkpoint")
     plan.add("size", f"{_b(total)} (" + ", ".join(f"{k} {_b(v)}" for k, v in files.items()) + ")")
