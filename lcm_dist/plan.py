@@ -228,51 +228,56 @@ def make_plan(
             f"the {shards} shards are fewer than the {world} processes, so the run cannot start; "
             f"make the shards with --samples-per-shard at most {n // world:,}"
         )
-        return plan
-    if shards < world * max(1, d.num_workers):
+    elif shards < world * max(1, d.num_workers):
         plan.warnings.append(
             f"the {shards} shards are fewer than processes x data.num_workers "
             f"({world} x {d.num_workers}), so some loader workers get no shard; make the shards "
             f"with --samples-per-shard at most {n // (world * max(1, d.num_workers)):,} or lower "
             "data.num_workers"
         )
-    if st.cache_bytes < need_bytes or chunk_bytes > st.cache_bytes:
-        return plan
-    first, steady = replay_epochs(cfg, manifest, world, 0, rows, phi)
-    own = sum(
-        manifest["shards"][i]["count"] for i in shards_for_rank(shards, cfg.train.seed, 1, 0, world)
-    )
-    peak = max(first.peak_resident_bytes, steady.peak_resident_bytes)
-    plan.add("cache peak", f"{_b(peak)}")
-    for name, e in (("epoch 0", first), ("epoch 1+", steady)):
+    # The rest of this section, the store's bandwidth and the checkpoint's latents need the
+    # replay, which needs a run that can start.
+    replayed = shards >= world and chunk_bytes <= st.cache_bytes and st.cache_bytes >= need_bytes
+    first = steady = None
+    if replayed:
+        first, steady = replay_epochs(cfg, manifest, world, 0, rows, phi)
+        own = sum(
+            manifest["shards"][i]["count"]
+            for i in shards_for_rank(shards, cfg.train.seed, 1, 0, world)
+        )
+        peak = max(first.peak_resident_bytes, steady.peak_resident_bytes)
+        plan.add("cache peak", f"{_b(peak)}")
+        for name, e in (("epoch 0", first), ("epoch 1+", steady)):
+            plan.add(
+                name,
+                f"read {_b(e.bytes_read)}, written {_b(e.bytes_written)} "
+                f"(of which {_b(e.checkpoint_bytes_written)} by checkpoints)",
+            )
+        amplification = (steady.bytes_read + steady.bytes_written) / (2 * own * phi * itemsize)
         plan.add(
-            name,
-            f"read {_b(e.bytes_read)}, written {_b(e.bytes_written)} "
-            f"(of which {_b(e.checkpoint_bytes_written)} by checkpoints)",
+            "I/O amplification", f"{amplification:.2f} (epoch 1+; 1.00 = each row once each way)"
         )
-    amplification = (steady.bytes_read + steady.bytes_written) / (2 * own * phi * itemsize)
-    plan.add("I/O amplification", f"{amplification:.2f} (epoch 1+; 1.00 = each row once each way)")
-    plan.numbers.update(
-        cache_peak_bytes=peak,
-        epoch0_bytes_read=first.bytes_read,
-        epoch0_bytes_written=first.bytes_written,
-        epoch_bytes_read=steady.bytes_read,
-        epoch_bytes_written=steady.bytes_written,
-        io_amplification=amplification,
-    )
-    evicted = steady.bytes_written - steady.checkpoint_bytes_written - own * phi * itemsize
-    if evicted > 0.05 * own * phi * itemsize:
-        plan.warnings.append(
-            f"store.cache_bytes ({st.cache_bytes:,}) makes chunks leave the cache before the "
-            f"epoch is done with them ({amplification:.2f}x the store traffic); raise it or "
-            "lower data.shuffle_buffer"
+        plan.numbers.update(
+            cache_peak_bytes=peak,
+            epoch0_bytes_read=first.bytes_read,
+            epoch0_bytes_written=first.bytes_written,
+            epoch_bytes_read=steady.bytes_read,
+            epoch_bytes_written=steady.bytes_written,
+            io_amplification=amplification,
         )
-    if steady.checkpoint_bytes_written > 0.25 * own * phi * itemsize:
-        plan.warnings.append(
-            f"checkpoint.every_steps ({cfg.checkpoint.every_steps}) writes back "
-            f"{_b(steady.checkpoint_bytes_written)} of partly trained chunks per process per "
-            "epoch; checkpoint less often or lower data.shuffle_buffer"
-        )
+        evicted = steady.bytes_written - steady.checkpoint_bytes_written - own * phi * itemsize
+        if evicted > 0.05 * own * phi * itemsize:
+            plan.warnings.append(
+                f"store.cache_bytes ({st.cache_bytes:,}) makes chunks leave the cache before the "
+                f"epoch is done with them ({amplification:.2f}x the store traffic); raise it or "
+                "lower data.shuffle_buffer"
+            )
+        if steady.checkpoint_bytes_written > 0.25 * own * phi * itemsize:
+            plan.warnings.append(
+                f"checkpoint.every_steps ({cfg.checkpoint.every_steps}) writes back "
+                f"{_b(steady.checkpoint_bytes_written)} of partly trained chunks per process per "
+                "epoch; checkpoint less often or lower data.shuffle_buffer"
+            )
 
     # Step time: compute and the generator's gradient reduction.
     t = inner_step_time(cost, d.batch_size, cluster, grad_itemsize, stage, overlap)
@@ -337,44 +342,46 @@ def make_plan(
     else:
         step_seconds = cfg.train.inner_steps * t.seconds
         note = f"{cfg.train.inner_steps} x the inner step above"
-    plan.section("store bandwidth (epoch 1+, compressed bytes on the wire)")
-    plan.add("batch", f"{_t(step_seconds)} ({note})")
-    per_process = (steady.bytes_read + steady.bytes_written) / ratio / (steps * step_seconds)
-    plan.add("per process", f"{_b(per_process)}/s")
-    plan.add(
-        "all processes",
-        f"{_b(per_process * world)}/s against the store's {cluster.store_mbps:g} MB/s",
-    )
-    shard_bytes = [e.get("bytes", 0) for e in manifest["shards"]]
-    if all(shard_bytes):
-        images = sum(shard_bytes) / n * d.batch_size / step_seconds
-        plan.add("shards", f"{_b(images)}/s of images per process (shard bytes / image)")
-    epoch_seconds = steps * step_seconds
-    plan.add("epoch", f"{_t(epoch_seconds)} ({steps:,} batches)")
-    plan.add(
-        "run",
-        f"{_t(cfg.train.max_steps * step_seconds)} for train.max_steps "
-        f"{cfg.train.max_steps:,} ({cfg.train.max_steps / steps:.1f} epochs)",
-    )
-    plan.numbers.update(store_bytes_per_second=per_process * world, step_seconds=step_seconds)
-    if per_process * world > cluster.store_mbps * 1e6:
-        plan.warnings.append(
-            f"the store must sustain {_b(per_process * world)}/s for all processes but gives "
-            f"{cluster.store_mbps:g} MB/s (--store-mbps), so steps will wait on it; use a faster "
-            "store, store.dtype float16 or a compressing store.codec"
+    if replayed:
+        plan.section("store bandwidth (epoch 1+, compressed bytes on the wire)")
+        plan.add("batch", f"{_t(step_seconds)} ({note})")
+        per_process = (steady.bytes_read + steady.bytes_written) / ratio / (steps * step_seconds)
+        plan.add("per process", f"{_b(per_process)}/s")
+        plan.add(
+            "all processes",
+            f"{_b(per_process * world)}/s against the store's {cluster.store_mbps:g} MB/s",
         )
+        shard_bytes = [e.get("bytes", 0) for e in manifest["shards"]]
+        if all(shard_bytes):
+            images = sum(shard_bytes) / n * d.batch_size / step_seconds
+            plan.add("shards", f"{_b(images)}/s of images per process (shard bytes / image)")
+        epoch_seconds = steps * step_seconds
+        plan.add("epoch", f"{_t(epoch_seconds)} ({steps:,} batches)")
+        plan.add(
+            "run",
+            f"{_t(cfg.train.max_steps * step_seconds)} for train.max_steps "
+            f"{cfg.train.max_steps:,} ({cfg.train.max_steps / steps:.1f} epochs)",
+        )
+        plan.numbers.update(store_bytes_per_second=per_process * world, step_seconds=step_seconds)
+        if per_process * world > cluster.store_mbps * 1e6:
+            plan.warnings.append(
+                f"the store must sustain {_b(per_process * world)}/s for all processes but gives "
+                f"{cluster.store_mbps:g} MB/s (--store-mbps), so steps will wait on it; use a faster "
+                "store, store.dtype float16 or a compressing store.codec"
+            )
 
     # Checkpoints.
     files = checkpoint_bytes(cfg, cost, world, chunks)
     total = sum(files.values())
-    flush = max(first.dirty_peak_bytes, steady.dirty_peak_bytes) * world / ratio
+    flush = max(first.dirty_peak_bytes, steady.dirty_peak_bytes) * world / ratio if replayed else 0
     seconds = total / (cluster.checkpoint_mbps * 1e6) + flush / (cluster.store_mbps * 1e6)
     plan.section("checkpoint")
     plan.add("size", f"{_b(total)} (" + ", ".join(f"{k} {_b(v)}" for k, v in files.items()) + ")")
-    plan.add(
-        "latents flushed",
-        f"up to {_b(flush)} of partly trained chunks (all processes, as process 0 replayed)",
-    )
+    if replayed:
+        plan.add(
+            "latents flushed",
+            f"up to {_b(flush)} of partly trained chunks (all processes, as process 0 replayed)",
+        )
     plan.add(
         "time",
         f"{_t(seconds)} at {cluster.checkpoint_mbps:g} MB/s (run folder) and "
