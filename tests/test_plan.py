@@ -271,3 +271,49 @@ def test_batch_time_given_measured_or_computed(tmp_path):
     traffic = given["epoch_bytes_read"] + given["epoch_bytes_written"]
     assert traffic == 2 * 256 * P * 4  # each row once each way: no checkpoints, ample cache
     assert given["store_bytes_per_second"] == pytest.approx(traffic / 2.0 / (64 * 2.0))
+
+
+def test_model_cost_of_the_paper_model():
+    from lcm_dist.step_cost import model_cost
+
+    cost = model_cost(load_config("configs/big.json"))
+    assert cost.generator_parameters == PAPER_PARAMETERS
+    assert cost.generator_buffers == 12_736  # BatchNorm running means and variances
+    # Forward: the generator's 7.48 GFLOP and the latent net's 0.05 (test_paper_model.py).
+    assert round(cost.forward_flops / 1e9, 2) == 7.53
+    # Backward: gradients of the inputs and the weights of every layer, ~2x the forward.
+    assert 1.9 < cost.backward_flops / cost.forward_flops < 2.2
+
+
+def test_compression_is_measured_with_the_configured_codec(tmp_path):
+    import numpy as np
+
+    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.plan import compression_ratio, sample_rows
+
+    cfg = _cfg(tmp_path)
+    rows, note = sample_rows(cfg, 16)
+    assert rows.shape == (16, P) and note.startswith("16 synthetic rows")
+    assert compression_ratio(cfg, rows) == 1.0  # codec none: stored bytes are the logical ones
+    zstd = _cfg(tmp_path, store={"codec": "zstd", "codec_level": 3})
+    assert compression_ratio(zstd, np.zeros((16, P), dtype=np.float32)) > 100
+    assert 1.0 < compression_ratio(zstd, rows) < 10
+    # With committed rows in the run's store, those are measured instead.
+    store = LatentStore.create(
+        str(tmp_path / "run" / "latents.zarr"),
+        num_rows=8,
+        initial=rows[0],
+        signature={"phi_size": P},
+        rows_per_chunk=4,
+    )
+    store.write_chunk(1, np.full((4, P), 0.5, dtype=np.float32))
+    store.commit()
+    real, note = sample_rows(cfg, 16)
+    assert note.startswith("4 committed rows of the run's store") and (real == 0.5).all()
+
+
+def test_measured_step_time(tmp_path, demo_shards):
+    cfg_path = run_config(tmp_path, demo_shards)
+    proc = run_script("launch/plan.py", "--config", str(cfg_path), "--measure")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 x (one inner step measured on " in proc.stdout  # its GPU, else its CPU
