@@ -44,13 +44,16 @@ def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
     import torch
 
     from lcm_dist.latent_net import initial_phi, phi_layout
-    from lcm_dist.latent_store import LatentStore, resolve_url
+    from lcm_dist.latent_store import LatentStore, resolve_url, retry_policy
+    from lcm_dist.store_retry import StoreIOError
 
     url = resolve_url(cfg)
+    unread = ""
     if not cfg.store.in_ram:
+        options, retry = cfg.store.storage_options, retry_policy(cfg)
         try:
-            if LatentStore.exists(url, cfg.store.storage_options):
-                store = LatentStore.open(url, storage_options=cfg.store.storage_options, mode="r")
+            if LatentStore.exists(url, options, retry):
+                store = LatentStore.open(url, storage_options=options, mode="r", retry=retry)
                 parts, have = [], 0
                 for chunk in np.nonzero(store.committed >= 0)[0].tolist():
                     if have >= count:
@@ -60,8 +63,8 @@ def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
                 if parts:
                     data = np.concatenate(parts)
                     return data, f"{have} committed rows of the run's store {url}"
-        except (ValueError, OSError):
-            pass  # no readable store: synthetic rows
+        except (ValueError, OSError, StoreIOError) as err:
+            unread = f"; the run's store could not be read: {err}"
     initial = initial_phi(cfg.model)
     noise = torch.randn(count, initial.numel(), generator=torch.Generator().manual_seed(0))
     rows = initial + noise * (cfg.model.clamp / 2)
@@ -69,7 +72,7 @@ def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
     rows[:, mask] = rows[:, mask].clamp(-cfg.model.clamp, cfg.model.clamp)
     return rows.numpy(), (
         f"{count} synthetic rows: the initial phi plus Gaussian noise of std model.clamp/2, "
-        "conv weights clamped"
+        f"conv weights clamped{unread}"
     )
 
 
