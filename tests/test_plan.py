@@ -317,3 +317,16 @@ def test_measured_step_time(tmp_path, demo_shards):
     proc = run_script("launch/plan.py", "--config", str(cfg_path), "--measure")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 x (one inner step measured on " in proc.stdout  # its GPU, else its CPU
+
+
+def test_synthetic_rows_compress_like_trained_ones(tmp_path, trained_run):
+    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.plan import compression_ratio, sample_rows
+
+    trained = LatentStore.open(str(trained_run / "latents.zarr"), mode="r").read_rows(range(64))
+    for codec in ("zstd", "blosc"):
+        cfg = _cfg(tmp_path, model={"preset": "demo64"}, store={"codec": codec})
+        synthetic, note = sample_rows(cfg, 64)
+        assert "synthetic" in note
+        real = compression_ratio(cfg, trained)
+        assert compression_ratio(cfg, synthetic) == pytest.approx(real, rel=0.1), codec
