@@ -188,6 +188,9 @@ class LogConfig:
     trace_rows: bool = False
     """Audit the data plan: every process writes the rows of each batch it trains, and a
     checksum of its generator at the end, to <run_dir>/trace/rows-rank<R>.jsonl."""
+    accelerator_tflops: float = 0.0
+    """Peak dense TFLOP/s of one GPU in the training precision, for the model FLOP utilisation
+    scalar perf/mfu (0: not reported)."""
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,10 @@ def validate(cfg: RunConfig) -> None:
     if lg.every_steps <= 0 or lg.image_every_steps < 0:
         raise ValueError(
             "config key 'log.every_steps' must be >= 1 and 'log.image_every_steps' >= 0"
+        )
+    if lg.accelerator_tflops < 0:
+        raise ValueError(
+            f"config key 'log.accelerator_tflops' is {lg.accelerator_tflops}; it must be >= 0"
         )
     if lg.restore_every_steps < 0 or lg.restore_iterations < 1:
         raise ValueError(

@@ -128,3 +128,57 @@ class RowTrace:
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         self._write({"step": step, "generator_sha256": digest.hexdigest()})
         self._file.close()
+
+
+class PhaseClock:
+    """Where a process's time goes, summed over a log window: host phases (waiting for data,
+    for the latent store, checkpointing) by the wall clock, device phases (forward+backward,
+    optimizer) by CUDA events on a GPU, so that timing them adds no host sync (the events are
+    read once per window, after the batch's own sync)."""
+
+    PHASES = (
+        "data_wait",
+        "store_wait",
+        "forward_backward",
+        "optimizer",
+        "write_back",
+        "checkpoint",
+    )
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.host: dict[str, float] = dict.fromkeys(self.PHASES, 0.0)
+        self.device_pairs: dict[str, list] = {}
+
+    def mark(self):
+        """A point in time: a recorded CUDA event on a GPU, else the wall clock."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        import time
+
+        return time.perf_counter()
+
+    def add_host(self, phase: str, seconds: float) -> None:
+        self.host[phase] = self.host.get(phase, 0.0) + seconds
+
+    def add(self, phase: str, start, end) -> None:
+        """A device phase between two marks."""
+        if self.cuda:
+            self.device_pairs.setdefault(phase, []).append((start, end))
+        else:
+            self.add_host(phase, end - start)
+
+    def seconds(self) -> dict[str, float]:
+        """Every phase's seconds in this window; then empty."""
+        out = dict(self.host)
+        if self.device_pairs:
+            torch.cuda.synchronize()
+            for phase, pairs in self.device_pairs.items():
+                out[phase] = out.get(phase, 0.0) + sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        self.reset()
+        return out

@@ -10,6 +10,7 @@ shards' manifest, opening the store, reading the checkpoint) run under
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -275,8 +276,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def next_batch(batches, latents, loader, cfg, epoch):
     """The next batch and its phi rows (host memory); a new epoch first writes back and shares
-    the last one's latents. Returns (batch, phi, io stats at the epoch's end or None)."""
+    the last one's latents. Returns (batch, phi, io stats at the epoch's end or None, seconds
+    spent waiting for the loader)."""
+    start = time.perf_counter()
     batch = next(batches)
+    waited = time.perf_counter() - start
     ended = None
     if batch.epoch != epoch:
         if epoch is not None:
@@ -284,4 +288,4 @@ def next_batch(batches, latents, loader, cfg, epoch):
             share_latent_slots(latents)
             ended = latents.stats()
         latents.begin_epoch(_chunk_order(cfg, loader, latents, batch.epoch), batch.skipped_rows)
-    return batch, latents.read_rows(batch.rows), ended
+    return batch, latents.read_rows(batch.rows), ended, waited

@@ -26,7 +26,7 @@ from lcm_dist.data import Batch, ShardLoader
 from lcm_dist.generator import Generator, count_parameters
 from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
 from lcm_dist.loss import lcm_loss
-from lcm_dist.metrics import NullLogger, RowTrace, RunLogger, image_grid
+from lcm_dist.metrics import NullLogger, PhaseClock, RowTrace, RunLogger, image_grid
 from lcm_dist.restore import inpainting_preview
 
 
@@ -57,7 +57,7 @@ class Stepped:
     stopping: bool  # a stop signal came: this batch was the last
 
 
-def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_dtype):
+def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_dtype, clock=None):
     """``train.inner_steps`` joint SGD updates of the batch's phi (in place: local to this
     process) and theta (``engine``: DeepSpeed averages its gradient over processes). Returns
     the last step's loss terms and output, and a device flag set if any loss was not finite
@@ -66,22 +66,28 @@ def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_d
     The loss is scaled by this batch's share of a full batch (``data.batch_size``), so every
     image gets the same phi step and the same weight in theta's average whatever the size of
     the batch that holds it: a process dealt fewer images (uneven shards, the end of an
-    epoch) runs smaller batches, not larger steps."""
+    epoch) runs smaller batches, not larger steps. ``clock`` (a PhaseClock) times the
+    forward+backward and optimizer phases."""
     t = cfg.train
     scale = images.shape[0] / cfg.data.batch_size
     bad = torch.zeros((), dtype=torch.bool, device=images.device)
     for _ in range(t.inner_steps):
+        start = clock.mark() if clock else None
         z = latent_net(phi)
         output = engine(z.to(gen_dtype)).float()
         terms = lcm_loss(output, images, t.lap_levels, t.mse_weight)
         loss = terms["loss"]
         bad |= ~torch.isfinite(loss)
         engine.backward(loss * scale if scale != 1 else loss)
+        middle = clock.mark() if clock else None
         engine.step()
         with torch.no_grad():
             phi -= t.lr_phi * phi.grad
             phi.grad = None
             clamp_phi_(phi, clamp_mask, cfg.model.clamp)
+        if clock:
+            clock.add("forward_backward", start, middle)
+            clock.add("optimizer", middle, clock.mark())
     return terms, output, bad
 
 
@@ -169,6 +175,13 @@ class Trainer:
         else:
             self.log = NullLogger()
         self.trace = RowTrace(cfg.run_dir, self.rank) if cfg.log.trace_rows else None
+        self.clock = PhaseClock(device)
+        # FLOPs per image (forward and backward of the latent net and the generator), counted
+        # once with torch's FLOP counter, for the FLOP/s and utilisation scalars.
+        from lcm_dist.step_cost import model_cost
+
+        cost = model_cost(cfg)
+        self.flops_per_image = cost.forward_flops + cost.backward_flops
 
         # Data, from the committed position on.
         self.loader = ShardLoader(
@@ -191,18 +204,29 @@ class Trainer:
     def step(self, step: int) -> Stepped:
         """Train batch number ``step`` and take its rows back into the latent table."""
         cfg = self.cfg
-        batch, phi_host, ended = distributed.together(
+        start = time.perf_counter()
+        batch, phi_host, ended, loader_wait = distributed.together(
             f"reading batch {step}",
             lambda: run_setup.next_batch(self._batches, self.latents, self.loader, cfg, self.epoch),
         )
+        self.clock.add_host("data_wait", loader_wait)
+        self.clock.add_host("store_wait", time.perf_counter() - start - loader_wait)
         if ended is not None:
             self.epoch_io.append(ended)
         self.epoch, rows = batch.epoch, batch.rows
         images = run_setup.to_device(batch.images, self.device)
         phi = run_setup.to_device(phi_host, self.device).requires_grad_(True)
         terms, output, bad = fit_batch(
-            self.engine, self.latent_net, phi, images, cfg, self.latent_net.mask, self.gen_dtype
+            self.engine,
+            self.latent_net,
+            phi,
+            images,
+            cfg,
+            self.latent_net.mask,
+            self.gen_dtype,
+            self.clock,
         )
+        start = time.perf_counter()
         # Write the rows back and agree to go on: a non-finite loss or a failed write-back on
         # any process stops every process (each says why in one line); a stop signal on any
         # process ends the run after this batch's checkpoint.
@@ -224,15 +248,32 @@ class Trainer:
             raise distributed.PeerStopped(
                 f"process {failed} of the run stopped at step {step} (its error is above)"
             )
+        self.clock.add_host("write_back", time.perf_counter() - start)
         if self.trace is not None:
             self.trace.rows(step, batch.epoch, rows)
         self.position = (batch.epoch, batch.step_in_epoch + 1)
         return Stepped(batch, images, output, terms, stopping)
 
     def checkpoint(self, step: int) -> None:
+        start = time.perf_counter()
         run_setup.commit_checkpoint(
             self.cfg, self.engine, self.latents, step, self.position, self.num_rows
         )
+        self.clock.add_host("checkpoint", time.perf_counter() - start)
+
+    def performance(self, images: int, seconds: float) -> dict[str, float]:
+        """The window's scalars of where the time went and what the hardware achieved:
+        seconds per phase (this process), FLOP/s (from the model's FLOPs per image, counted
+        once), and on a GPU its peak memory and, with log.accelerator_tflops, the model FLOP
+        utilisation."""
+        out = {f"time/{phase}_s": value for phase, value in self.clock.seconds().items()}
+        tflops = self.flops_per_image * images * self.cfg.train.inner_steps / seconds / 1e12
+        out["perf/tflops_per_process"] = tflops
+        if self.device.type == "cuda":
+            out["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            if self.cfg.log.accelerator_tflops:
+                out["perf/mfu"] = tflops / self.cfg.log.accelerator_tflops
+        return out
 
     def close(self, step: int) -> None:
         if self.trace is not None:
@@ -261,13 +302,20 @@ class _Window:
         self.steps += 1
         self.images += stepped.images.shape[0]
 
-    def close(self) -> tuple[list[float], float]:
-        """(mean loss terms over the processes, images/s of all processes); then empty."""
+    def close(self) -> tuple[list[float], dict[str, float], int, float]:
+        """(mean loss terms over the processes, images/s scalars, this process's images and
+        seconds in the window); then empty."""
         values = distributed.mean_over_ranks(self.terms / self.steps).cpu().tolist()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        images_per_second = distributed.sum_over_ranks(self.images / elapsed)
+        images, elapsed = self.images, max(time.perf_counter() - self.start, 1e-9)
+        own = images / elapsed
+        slowest = -float(distributed.max_over_ranks(torch.tensor([-own], dtype=torch.float64)))
+        speed = {
+            "perf/images_per_second": distributed.sum_over_ranks(own),
+            "perf/images_per_second_per_process": own,
+            "perf/images_per_second_slowest_process": slowest,
+        }
         self.reset()
-        return values, images_per_second
+        return values, speed, images, elapsed
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -318,7 +366,8 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
         # trend).
         window.add(out)
         if step % cfg.log.every_steps == 0 or step == t.max_steps or out.stopping:
-            values, images_per_second = window.close()
+            values, speed, images, seconds = window.close()
+            images_per_second = speed["perf/images_per_second"]
             last_loss = values[0]
             first_loss = last_loss if math.isnan(first_loss) else first_loss
             log.scalars(
@@ -327,7 +376,8 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
                     "loss/total": values[0],
                     "loss/lap_l1": values[1],
                     "loss/mse": values[2],
-                    "perf/images_per_second": images_per_second,
+                    **speed,
+                    **trainer.performance(images, seconds),
                     "lr/phi": t.lr_phi,
                     "lr/theta": float(trainer.engine.get_lr()[0]),
                     "data/epoch": float(out.batch.epoch),

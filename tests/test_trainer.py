@@ -36,6 +36,15 @@ def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
         acc.Tags()["scalars"]
     )
     assert "reconstruction" in acc.Tags()["images"]
+    # Where the time went, per log window.
+    phases = ["data_wait", "store_wait", "forward_backward", "optimizer", "write_back"]
+    tags = set(acc.Tags()["scalars"])
+    assert {f"time/{p}_s" for p in phases} | {"time/checkpoint_s"} <= tags
+    assert {"perf/images_per_second_slowest_process", "perf/tflops_per_process"} <= tags
+    compute = sum(acc.Scalars(f"time/{p}_s")[-1].value for p in ("forward_backward", "optimizer"))
+    step = [e.wall_time for e in acc.Scalars("loss/total")]
+    assert 0 < compute < (step[-1] - step[-2])  # 4 steps of compute fit within 4 steps of time
+    assert acc.Scalars("perf/tflops_per_process")[-1].value > 0
 
 
 def _train(cfg_path, *extra, timeout=300):
