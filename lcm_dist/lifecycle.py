@@ -28,6 +28,20 @@ import time
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def share_cores() -> None:
+    """Give this process its share of the node's cores, OMP_NUM_THREADS = cores / processes on
+    the node, unless the environment sets it. Call before torch is imported: the OpenMP and
+    BLAS pools, and the data-loader workers forked later, read it at start. torchrun sets it
+    (to 1) when it starts several processes; the deepspeed launcher does not."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // max(1, int(local))))
+
+
 _PR_SET_PDEATHSIG = 1
 
 
