@@ -7,7 +7,9 @@
 Clean images of any size are centre-cropped and resized to the model's resolution. Methods:
 ``lcm`` (a fresh phi per image, the generator frozen), ``dip`` (Deep Image Prior: a per-image
 hourglass fitted with Adam from noise) and ``naive`` (biharmonic or mean fill, bicubic
-upsampling, luminance only). The LCM and DIP get the same number of iterations. Inpainted
+upsampling, luminance only). The LCM and DIP get the same number of iterations unless
+--dip-iterations says otherwise (several counts: one DIP fit per image, read out after each,
+reported as dip@N); --no-lcm scores the baselines only. Inpainted
 images are scored as launch/restore.py writes them, with the observed pixels put back (--raw:
 each method's whole output). Writes report.json (PSNR and SSIM per image and mean; over the
 hole too for inpainting), grid.png (a row per image; labelled columns: clean, degraded, then
@@ -39,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the naive inpainting fill",
     )
     parser.add_argument("--dip-lr", type=float, default=0.01, help="Adam lr of DIP")
+    parser.add_argument(
+        "--dip-iterations",
+        metavar="N[,N...]",
+        help="DIP's iterations (default: --iterations); several: read out after each (dip@N)",
+    )
+    parser.add_argument(
+        "--no-lcm", action="store_true", help="score the baselines only (no phi fit)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks and DIP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> dict:
     import torch
 
-    from lcm_dist.baselines import dip_restore
+    from lcm_dist.baselines import dip_restore_at
     from lcm_dist.config import parse_options
     from lcm_dist.degrade import DEFAULT_BOX
     from lcm_dist.evaluate import load_images, score, write_report
@@ -74,7 +84,17 @@ def run(args) -> dict:
     unknown = set(baselines) - {"dip", "naive"}
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; use dip, naive")
+    if args.no_lcm and not baselines:
+        raise ValueError("--no-lcm leaves nothing to score; name --baselines")
     settle_fit_arguments(args)
+    try:
+        dip_counts = sorted(
+            {int(n) for n in (args.dip_iterations or str(args.iterations)).split(",")}
+        )
+    except ValueError:
+        raise ValueError(f"--dip-iterations {args.dip_iterations!r}: use N or N,N,...") from None
+    if dip_counts[0] < 1:
+        raise ValueError(f"--dip-iterations must be at least 1, got {args.dip_iterations}")
     make_folder(args.out, "output folder")  # before the fits, not after
     model = load_model(
         args.model, parse_options(args.model_options, "--model-options"), args.device
@@ -86,15 +106,16 @@ def run(args) -> dict:
     y = operator(clean)
     progress = not args.quiet
     results = {}
-    images, _, seconds = restore_from_args(model, y, operator, args)
-    results["lcm"] = {"images": images, "iterations": args.iterations, "seconds": seconds}
+    if not args.no_lcm:
+        images, _, seconds = restore_from_args(model, y, operator, args)
+        results["lcm"] = {"images": images, "iterations": args.iterations, "seconds": seconds}
     if "dip" in baselines:
-        bar = iteration_bar(clean.shape[0] * args.iterations, "dip") if progress else None
-        images, seconds = dip_restore(
+        bar = iteration_bar(clean.shape[0] * dip_counts[-1], "dip") if progress else None
+        fits = dip_restore_at(
             y,
             operator,
             size,
-            iterations=args.iterations,
+            dip_counts,
             lr=args.dip_lr,
             seed=args.seed,
             progress=bar,
@@ -102,7 +123,9 @@ def run(args) -> dict:
         )
         if bar is not None:
             bar.close()
-        results["dip"] = {"images": images, "iterations": args.iterations, "seconds": seconds}
+        for n, (images, seconds) in fits.items():
+            name = "dip" if len(fits) == 1 else f"dip@{n}"
+            results[name] = {"images": images, "iterations": n, "seconds": seconds}
     if "naive" in baselines:
         import time
 
@@ -126,6 +149,8 @@ def run(args) -> dict:
             "optimizer",
             "lr",
             "dip_lr",
+            "dip_iterations",
+            "no_lcm",
             "factor",
             "box",
             "random_boxes",
@@ -137,6 +162,7 @@ def run(args) -> dict:
         )
     }
     settings["images"] = len(names)
+    settings["dip_iterations"] = dip_counts if "dip" in baselines else None
     if args.task == "inpaint" and not (args.mask or args.random_boxes or args.random_pixels):
         settings["box"] = DEFAULT_BOX if args.box is None else args.box
     if args.task != "superres":

@@ -78,6 +78,20 @@ def dip_restore(
     size: int,
     *,
     iterations: int = 500,
+    **kwargs,
+) -> tuple[torch.Tensor, float]:
+    """Restore each observation (B, C, h, w) with its own DIP network, one after the other,
+    on ``device``; returns (images (B, 3, size, size) on the CPU, seconds). Keyword arguments
+    as ``dip_restore_at``."""
+    return dip_restore_at(observed, operator, size, [iterations], **kwargs)[iterations]
+
+
+def dip_restore_at(
+    observed: torch.Tensor,
+    operator: Degradation,
+    size: int,
+    counts: list[int],
+    *,
     lr: float = 0.01,
     reg_noise_std: float = 1.0 / 30,
     input_channels: int = 32,
@@ -85,15 +99,22 @@ def dip_restore(
     seed: int = 0,
     progress=None,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, float]:
-    """Restore each observation (B, C, h, w) with its own DIP network, one after the other,
-    on ``device``; returns (images (B, 3, size, size) on the CPU, seconds)."""
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """DIP fitted once for the largest of ``counts`` iterations and read out after each count:
+    {count: (images (B, 3, size, size) on the CPU, seconds)}. An image's output after n
+    iterations is the one a fit of n iterations gives (same seed, same random draws); the
+    seconds of a count are the fitting time of its iterations, summed over the images (the
+    read-outs are not counted)."""
+    counts = sorted(set(counts))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"DIP iteration counts must be at least 1, got {counts}")
     # Small images get fewer levels: the coarsest stays at least 4x4 (BatchNorm of one image
     # needs more than one value per channel).
     channels = tuple(channels[: max(1, int(math.log2(size)) - 2)])
-    start = time.perf_counter()
-    outputs = []
+    outputs: dict[int, list[torch.Tensor]] = {n: [] for n in counts}
+    seconds = dict.fromkeys(counts, 0.0)
     for i in range(observed.shape[0]):
+        start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed + i)
         z = (torch.rand(1, input_channels, size, size, generator=gen) * 0.1).to(device)
         torch.manual_seed(seed + i)
@@ -101,7 +122,8 @@ def dip_restore(
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         y = observed[i : i + 1].to(device)
         op = operator.subset(slice(i, i + 1)).to(device)
-        for _ in range(iterations):
+        fitting = 0.0
+        for it in range(1, counts[-1] + 1):
             opt.zero_grad(set_to_none=True)
             z_in = z + reg_noise_std * torch.randn_like(z) if reg_noise_std else z
             loss = F.mse_loss(op(net(z_in)), y)
@@ -109,6 +131,11 @@ def dip_restore(
             opt.step()
             if progress is not None:
                 progress.update(1)
-        with torch.no_grad():  # BatchNorm of a batch of one, as fitted (DIP never uses eval)
-            outputs.append(net(z).clamp(0, 1).cpu())
-    return torch.cat(outputs), time.perf_counter() - start
+            if it in outputs:
+                fitting += time.perf_counter() - start
+                # BatchNorm of a batch of one, as fitted (DIP never uses eval)
+                with torch.no_grad():
+                    outputs[it].append(net(z).clamp(0, 1).cpu())
+                seconds[it] += fitting
+                start = time.perf_counter()
+    return {n: (torch.cat(outputs[n]), seconds[n]) for n in counts}

@@ -219,6 +219,21 @@ def test_dip_fits_its_observation():
     assert float((out - clean).pow(2).mean()) < 1e-3
 
 
+def test_dip_read_out_during_a_longer_fit_is_the_shorter_fit():
+    from lcm_dist.baselines import dip_restore, dip_restore_at
+    from lcm_dist.degrade import make_operator
+
+    torch.manual_seed(0)
+    clean = torch.rand(2, 3, 32, 32)
+    op = make_operator("superres", 32, 2, factor=4)
+    y = op(clean)
+    fits = dip_restore_at(y, op, 32, [3, 7], channels=(8, 8, 8), seed=5)
+    assert sorted(fits) == [3, 7] and fits[7][1] >= fits[3][1] > 0
+    for n in (3, 7):
+        alone, _ = dip_restore(y, op, 32, iterations=n, channels=(8, 8, 8), seed=5)
+        torch.testing.assert_close(fits[n][0], alone, atol=0, rtol=0)
+
+
 def _save(images, folder):
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -428,6 +443,30 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
     report = json.loads((tmp_path / "ev2" / "report.json").read_text())
     assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
     assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("adam", 0.01)
+
+    # DIP alone, read out after 1 and 3 iterations of one fit per image.
+    proc = _run(
+        "launch/evaluate.py",
+        "--model",
+        str(trained_export),
+        "--task",
+        "colorize",
+        "--images",
+        str(tmp_path / "clean"),
+        "--out",
+        str(tmp_path / "ev3"),
+        "--no-lcm",
+        "--baselines",
+        "dip",
+        "--dip-iterations",
+        "3,1",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ev3" / "report.json").read_text())
+    assert list(report["mean"]) == ["dip@1", "dip@3"]
+    assert [report["methods"][m]["iterations"] for m in report["mean"]] == [1, 3]
+    assert report["settings"]["dip_iterations"] == [1, 3]
 
 
 def _copy_export(trained_export, to):
