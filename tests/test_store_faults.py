@@ -14,6 +14,7 @@ import torch
 from lcm_dist.checkpoint import find_latest
 from lcm_dist.latent_store import LatentStore
 from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
+from tests.test_resume import assert_same_state
 
 STEPS = 24  # 64 images in batches of 4: 16 steps per epoch, so the second epoch reads back
 TIMEOUTS = {"connect_timeout": 1, "read_timeout": 3}
@@ -65,13 +66,6 @@ def final_state(cfg_path, options):
     store.restore_slots(commit.slots)
     rows = torch.from_numpy(store.read_rows(range(store.num_rows)))
     return load_file(str(commit.folder / "generator.safetensors")), rows
-
-
-def assert_same_state(a, b):
-    assert a[0].keys() == b[0].keys()
-    for name in a[0]:
-        assert torch.equal(a[0][name], b[0][name]), f"generator weight {name} differs"
-    assert torch.equal(a[1], b[1]), "latent rows differ"
 
 
 @pytest.fixture(scope="module")
