@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 
-from lcm_dist.cache import StoreIOError
 from lcm_dist.config import add_override_argument, load_config
-from lcm_dist.demo import make_demo_shards
-from lcm_dist.trainer import NonFiniteLossError, train
+from lcm_dist.data.demo import make_demo_shards
+from lcm_dist.latents.cache import StoreIOError
+from lcm_dist.train.loop import NonFiniteLossError, train
 
 
 def main(argv: list[str] | None = None) -> int:

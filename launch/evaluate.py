@@ -23,7 +23,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lcm_dist.restore import add_fit_arguments
+    from lcm_dist.restore.fit import add_fit_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from lcm_dist.evaluate import format_table
+    from lcm_dist.evaluate.report import format_table
 
     print(format_table(report))
     print(f"report: {args.out}/report.json, grid: {args.out}/grid.png")
@@ -67,18 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> dict:
     import torch
 
-    from lcm_dist.baselines import dip_restore_at
     from lcm_dist.config import parse_options
-    from lcm_dist.degrade import DEFAULT_BOX
-    from lcm_dist.evaluate import load_images, score, write_report
-    from lcm_dist.restore import (
+    from lcm_dist.data.shards import make_folder
+    from lcm_dist.evaluate.baselines import dip_restore_at
+    from lcm_dist.evaluate.report import load_images, score, write_report
+    from lcm_dist.restore.degrade import DEFAULT_BOX
+    from lcm_dist.restore.fit import (
         iteration_bar,
         load_model,
         operator_from_args,
         restore_from_args,
         settle_fit_arguments,
     )
-    from lcm_dist.shards import make_folder
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}

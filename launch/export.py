@@ -16,7 +16,7 @@ import sys
 
 from lcm_dist.config import parse_options
 from lcm_dist.export import export_run
-from lcm_dist.store_retry import StoreIOError
+from lcm_dist.latents.retry import StoreIOError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ import fnmatch
 import os
 import sys
 
-from lcm_dist.demo import random_crops
-from lcm_dist.shards import (
+from lcm_dist.data.demo import random_crops
+from lcm_dist.data.shards import (
     IMAGE_FORMATS,
     collect_sources,
     load_photos,

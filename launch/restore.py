@@ -26,7 +26,7 @@ import torch
 
 
 def _observations(paths, operator, size, task):
-    from lcm_dist.shards import collect_sources, load_image
+    from lcm_dist.data.shards import collect_sources, load_image
 
     files = collect_sources(paths)
     side = operator.observed_size(size)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from lcm_dist.restore import add_fit_arguments
+    from lcm_dist.restore.fit import add_fit_arguments
 
     add_fit_arguments(parser, task_required=False)
     parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from lcm_dist.config import parse_options
-        from lcm_dist.restore import (
+        from lcm_dist.data.shards import make_folder
+        from lcm_dist.restore.fit import (
             load_model,
             operator_from_args,
             restore_from_args,
@@ -95,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
             settle_fit_arguments,
             to_png_bytes,
         )
-        from lcm_dist.shards import make_folder
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             if not restoring:
                 return 0
         size = model.image_size
-        from lcm_dist.shards import collect_sources
+        from lcm_dist.data.shards import collect_sources
 
         count = len(collect_sources(args.images))
         operator = operator_from_args(args, size, count)

@@ -17,10 +17,10 @@ from lcm_dist.lifecycle import share_cores
 
 share_cores()  # before torch is imported
 
-from lcm_dist.cache import StoreIOError  # noqa: E402
 from lcm_dist.config import add_override_argument, load_config  # noqa: E402
 from lcm_dist.distributed import PeerStopped  # noqa: E402
-from lcm_dist.trainer import NonFiniteLossError, train  # noqa: E402
+from lcm_dist.latents.cache import StoreIOError  # noqa: E402
+from lcm_dist.train.loop import NonFiniteLossError, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

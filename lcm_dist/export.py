@@ -16,7 +16,7 @@ The group is created with ``complete: false`` and its attributes are rewritten w
 can tell an interrupted export from a finished one.
 
 Every write of an export, and every read of the run's store, retries transient storage errors
-with the run's ``store.retries`` / ``store.retry_seconds`` (``lcm_dist.store_retry``); each
+with the run's ``store.retries`` / ``store.retry_seconds`` (``lcm_dist.latents.retry``); each
 write replaces a whole object with the same content, so repeating it is safe.
 """
 
@@ -29,18 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from lcm_dist import checkpoint
 from lcm_dist.config import config_from_dict, model_from_dict
-from lcm_dist.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.latent_store import (
+from lcm_dist.data.shards import load_keys
+from lcm_dist.latents.retry import StoreIOError, store_options
+from lcm_dist.latents.store import (
     LatentStore,
     _reason,
     open_checked_group,
     resolve_url,
     retry_policy,
 )
-from lcm_dist.shards import load_keys
-from lcm_dist.store_retry import StoreIOError, store_options
+from lcm_dist.model.latent_net import initial_phi, make_noise, phi_layout
+from lcm_dist.train import checkpoint
 
 FORMAT = "lcm-dist-export"
 VERSION = 1

@@ -23,8 +23,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """64 crops at 32x32 in 8 shards of 8."""
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     out = tmp_path_factory.mktemp("shards")
     write_shards(random_crops(64, 32, seed=1), out, 32, 8, progress=False)
@@ -34,8 +34,8 @@ def demo_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo64_shards(tmp_path_factory) -> Path:
     """The same 64 crops at 64x64 in 8 shards of 8, for the ``demo64`` model."""
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     out = tmp_path_factory.mktemp("shards64")
     write_shards(random_crops(64, 64, seed=1), out, 64, 8, progress=False)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lcm_dist.cache import StoreIOError, WriteBackCache
-from lcm_dist.data import ShardLoader, chunk_need_order
-from lcm_dist.latent_store import LatentStore
-from lcm_dist.latent_table import InMemoryLatentTable
-from lcm_dist.shards import write_shards
+from lcm_dist.data.loader import ShardLoader, chunk_need_order
+from lcm_dist.data.shards import write_shards
+from lcm_dist.latents.cache import StoreIOError, WriteBackCache
+from lcm_dist.latents.store import LatentStore
+from lcm_dist.latents.table import InMemoryLatentTable
 from tests.conftest import free_port
 
 P = 5
@@ -205,7 +205,7 @@ def _rank_main(rank, world, port, shards, url, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from lcm_dist.run_setup import share_latent_slots as _share_latent_slots
+    from lcm_dist.train.setup import share_latent_slots as _share_latent_slots
 
     if rank == 0:
         new_store(url)

@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
-from lcm_dist.checkpoint import find_latest
-from lcm_dist.latent_store import LatentStore
+from lcm_dist.latents.store import LatentStore
 from lcm_dist.lifecycle import is_launcher
+from lcm_dist.train.checkpoint import find_latest
 from tests.conftest import PYTHON, free_port, run_config
 from tests.test_resume import assert_same_state, launch, resume_config, run, train_more
 
@@ -207,8 +207,8 @@ def test_two_node_agents_on_s3_train_every_row_once_and_survive_losing_a_node(
 
 @pytest.mark.dist
 def test_three_shards_on_two_ranks_every_row_once_in_batches_of_their_share(tmp_path):
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     shards = tmp_path / "shards"
     write_shards(random_crops(24, 32, seed=3), shards, 32, 8, progress=False)
@@ -240,11 +240,11 @@ def test_an_images_phi_step_and_theta_weight_do_not_depend_on_its_batch_size():
     the batch's share of a full one, so image x moves by the same phi step and adds the same
     gradient to theta as in a full batch (generator in eval mode: no batch statistics)."""
     from lcm_dist.config import config_from_dict
-    from lcm_dist.demo import random_crops
-    from lcm_dist.generator import Generator
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi
-    from lcm_dist.loss import lcm_loss
-    from lcm_dist.trainer import fit_batch
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.model.generator import Generator
+    from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
+    from lcm_dist.model.loss import lcm_loss
+    from lcm_dist.train.loop import fit_batch
 
     cfg = config_from_dict(
         {

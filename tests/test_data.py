@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lcm_dist.data import ShardDecodeError, ShardLoader, batch_sizes, shards_for_rank
-from lcm_dist.shards import write_shards
+from lcm_dist.data.loader import ShardDecodeError, ShardLoader, batch_sizes, shards_for_rank
+from lcm_dist.data.shards import write_shards
 
 SIZE = 8
 

@@ -66,8 +66,8 @@ def read_without_lcm_dist(tmp_path, url, options=None):
 def committed_state(run_dir):
     from safetensors.torch import load_file
 
-    from lcm_dist.checkpoint import find_latest
-    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.latents.store import LatentStore
+    from lcm_dist.train.checkpoint import find_latest
 
     commit = find_latest(run_dir)
     store = LatentStore.open(commit.state["store_url"], mode="r")
@@ -78,11 +78,11 @@ def committed_state(run_dir):
 
 def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, demo64_shards):
     from lcm_dist.config import model_from_dict
-    from lcm_dist.data import ShardLoader
-    from lcm_dist.generator import Generator
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi, make_noise
-    from lcm_dist.loss import lcm_loss
-    from lcm_dist.shards import load_keys
+    from lcm_dist.data.loader import ShardLoader
+    from lcm_dist.data.shards import load_keys
+    from lcm_dist.model.generator import Generator
+    from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi, make_noise
+    from lcm_dist.model.loss import lcm_loss
 
     out = tmp_path / "model.zarr"
     proc = _run("launch/export.py", "--run", str(trained_run), "--out", str(out), "--quiet")

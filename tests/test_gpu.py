@@ -42,7 +42,7 @@ def test_one_gpu_nccl_training(tmp_path, demo_shards, stage, precision):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
-    from lcm_dist.checkpoint import find_latest
+    from lcm_dist.train.checkpoint import find_latest
 
     commit = find_latest(tmp_path / "run")
     assert commit.state["step"] == 8
@@ -67,7 +67,7 @@ def test_gpu_run_killed_mid_checkpoint_resumes(tmp_path, demo_shards):
 
 
 def test_export_restore_and_dip_on_the_gpu(tmp_path, demo_shards):
-    from lcm_dist.demo import random_crops
+    from lcm_dist.data.demo import random_crops
 
     cfg = run_config(tmp_path, demo_shards, train={"max_steps": 16, "inner_steps": 2})
     proc = run_script("launch/train.py", "--config", str(cfg), env=gpu_env())

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lcm_dist.config import MODEL_PRESETS, model_from_dict
-from lcm_dist.generator import Generator, count_parameters
-from lcm_dist.latent_net import (
+from lcm_dist.model.generator import Generator, count_parameters
+from lcm_dist.model.latent_net import (
     BatchedLatentNet,
     LatentNet,
     clamp_phi_,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lcm_dist.latent_store import (
+from lcm_dist.latents.store import (
     LatentStore,
     auto_rows_per_chunk,
     chunk_bounds,

@@ -3,7 +3,7 @@ test_paper_model.py.)"""
 
 import torch
 
-from lcm_dist.loss import blur, blur_kernel, laplacian_l1, laplacian_pyramid, lcm_loss
+from lcm_dist.model.loss import blur, blur_kernel, laplacian_l1, laplacian_pyramid, lcm_loss
 
 
 def test_one_level_is_mean_l1():

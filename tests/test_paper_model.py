@@ -10,10 +10,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lcm_dist.config import model_from_dict
-from lcm_dist.degrade import Inpaint, box_mask
-from lcm_dist.generator import Generator, count_parameters
-from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, initial_phi, make_noise, phi_layout
-from lcm_dist.loss import blur_kernel, lcm_loss
+from lcm_dist.model.generator import Generator, count_parameters
+from lcm_dist.model.latent_net import (
+    BatchedLatentNet,
+    clamp_phi_,
+    initial_phi,
+    make_noise,
+    phi_layout,
+)
+from lcm_dist.model.loss import blur_kernel, lcm_loss
+from lcm_dist.restore.degrade import Inpaint, box_mask
 
 PAPER = model_from_dict({"preset": "paper"})
 

@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 
-from lcm_dist.cache_replay import epoch_row_order, synthetic_manifest
 from lcm_dist.config import config_from_dict, load_config
-from lcm_dist.data import ShardLoader
-from lcm_dist.plan import make_plan
-from lcm_dist.shards import load_manifest
-from lcm_dist.step_cost import (
+from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.shards import load_manifest
+from lcm_dist.planning.cost import (
     Cluster,
     ModelCost,
     checkpoint_bytes,
@@ -20,6 +18,8 @@ from lcm_dist.step_cost import (
     inner_step_time,
     ring_traffic_bytes,
 )
+from lcm_dist.planning.plan import make_plan
+from lcm_dist.planning.replay import epoch_row_order, synthetic_manifest
 from tests.conftest import run_config, run_script
 from tests.test_trainer import read_scalars
 
@@ -274,7 +274,7 @@ def test_batch_time_given_measured_or_computed(tmp_path):
 
 
 def test_model_cost_of_the_paper_model():
-    from lcm_dist.step_cost import model_cost
+    from lcm_dist.planning.cost import model_cost
 
     cost = model_cost(load_config("configs/big.json"))
     assert cost.generator_parameters == PAPER_PARAMETERS
@@ -288,8 +288,8 @@ def test_model_cost_of_the_paper_model():
 def test_compression_is_measured_with_the_configured_codec(tmp_path):
     import numpy as np
 
-    from lcm_dist.latent_store import LatentStore
-    from lcm_dist.plan import compression_ratio, sample_rows
+    from lcm_dist.latents.store import LatentStore
+    from lcm_dist.planning.plan import compression_ratio, sample_rows
 
     cfg = _cfg(tmp_path)
     rows, note = sample_rows(cfg, 16)
@@ -320,8 +320,8 @@ def test_measured_step_time(tmp_path, demo_shards):
 
 
 def test_synthetic_rows_compress_like_trained_ones(tmp_path, trained_run):
-    from lcm_dist.latent_store import LatentStore
-    from lcm_dist.plan import compression_ratio, sample_rows
+    from lcm_dist.latents.store import LatentStore
+    from lcm_dist.planning.plan import compression_ratio, sample_rows
 
     trained = LatentStore.open(str(trained_run / "latents.zarr"), mode="r").read_rows(range(64))
     for codec in ("zstd", "blosc"):

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lcm_dist.checkpoint import find_latest
 from lcm_dist.config import load_config
+from lcm_dist.train.checkpoint import find_latest
 from tests.conftest import PYTHON, free_port, run_config, run_script
 from tests.test_resume import run, train_more
 

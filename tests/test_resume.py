@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from lcm_dist.checkpoint import find_latest
-from lcm_dist.latent_store import LatentStore
+from lcm_dist.latents.store import LatentStore
+from lcm_dist.train.checkpoint import find_latest
 from tests.conftest import PYTHON, REPO, free_port, run_config, subprocess_env
 
 STEPS = 40  # 64 images in batches of 4: 16 steps per epoch, so 2.5 epochs
@@ -214,8 +214,8 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     ) in proc.stderr
 
     # Other shards with fewer images than the run was checkpointed on.
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     write_shards(random_crops(32, 32, seed=1), tmp_path / "fewer", 32, 8, progress=False)
     proc = resume_with(f"data.shards={tmp_path / 'fewer'}")

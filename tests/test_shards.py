@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcm_dist.shards import (
+from lcm_dist.data.shards import (
     collect_sources,
     load_keys,
     load_manifest,

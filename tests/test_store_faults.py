@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from lcm_dist.checkpoint import find_latest
-from lcm_dist.latent_store import LatentStore
+from lcm_dist.latents.store import LatentStore
+from lcm_dist.train.checkpoint import find_latest
 from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
 from tests.test_resume import assert_same_state
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lcm_dist import store_retry
-from lcm_dist.cache import StoreIOError, WriteBackCache
-from lcm_dist.latent_store import LatentStore
-from lcm_dist.store_retry import RetryPolicy, StoreUnavailableError, is_transient, store_options
+from lcm_dist.latents import retry as store_retry
+from lcm_dist.latents.cache import StoreIOError, WriteBackCache
+from lcm_dist.latents.retry import RetryPolicy, StoreUnavailableError, is_transient, store_options
+from lcm_dist.latents.store import LatentStore
 
 SIG = {"phi_size": 6, "preset": "test", "latent_widths": [2]}
 

@@ -52,7 +52,7 @@ def _train(cfg_path, *extra, timeout=300):
 
 
 def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_path, demo_shards):
-    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.latents.store import LatentStore
 
     url = str(tmp_path / "latents.zarr")
     # 16 steps of 4 images = one epoch of the 64 images: every row trained once.
@@ -88,11 +88,11 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
 
 def test_store_smaller_than_dataset_is_refused(tmp_path, demo_shards):
     from lcm_dist.config import config_from_dict
-    from lcm_dist.latent_store import LatentStore, model_signature
+    from lcm_dist.latents.store import LatentStore, model_signature
 
     url = str(tmp_path / "small.zarr")
     model = config_from_dict(json.loads(run_config(tmp_path, demo_shards).read_text())).model
-    from lcm_dist.latent_net import initial_phi
+    from lcm_dist.model.latent_net import initial_phi
 
     LatentStore.create(
         url,
@@ -162,8 +162,8 @@ def test_two_process_gloo_training(tmp_path, demo_shards, launcher):
 def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_path, demo_shards):
     from safetensors.torch import load_file
 
-    from lcm_dist.checkpoint import find_latest
-    from lcm_dist.demo import random_crops
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.train.checkpoint import find_latest
 
     held = tmp_path / "held"
     held.mkdir()
@@ -220,8 +220,8 @@ def test_demo_trains_then_says_it_has_finished(tmp_path):
 
 @pytest.mark.dist
 def test_an_error_on_one_process_is_one_line_on_the_others(tmp_path):
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     shards = tmp_path / "shards"
     write_shards(random_crops(64, 32, seed=1), shards, 32, 8, progress=False)

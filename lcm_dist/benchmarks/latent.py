@@ -8,7 +8,13 @@ import time
 import torch
 
 from lcm_dist.config import MODEL_PRESETS, ModelConfig
-from lcm_dist.latent_net import BatchedLatentNet, LatentNet, initial_phi, make_noise, phi_layout
+from lcm_dist.model.latent_net import (
+    BatchedLatentNet,
+    LatentNet,
+    initial_phi,
+    make_noise,
+    phi_layout,
+)
 
 
 def preset_config(name: str) -> ModelConfig:

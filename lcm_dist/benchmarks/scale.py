@@ -27,9 +27,9 @@ BATCH = 16
 def synthetic_shards(out: str, num_rows: int, steps: int, seed: int = 0) -> dict:
     """A manifest of ``num_rows`` rows, with the shards that the first ``steps`` batches of
     rank 0 (of 1) read in epoch 0 written for real."""
-    from lcm_dist.data import shards_for_rank
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import add_sample
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.loader import shards_for_rank
+    from lcm_dist.data.shards import add_sample
 
     num_shards = -(-num_rows // SAMPLES_PER_SHARD)
     entries = [
@@ -68,7 +68,7 @@ def synthetic_shards(out: str, num_rows: int, steps: int, seed: int = 0) -> dict
 def child(num_rows: int, steps: int, tmp: str) -> dict:
     """Run in the child process: train on a fresh store and report peak RSS."""
     from lcm_dist.config import config_from_dict
-    from lcm_dist.trainer import train
+    from lcm_dist.train.loop import train
 
     shards = os.path.join(tmp, f"shards-{num_rows}")
     os.makedirs(shards)
@@ -100,7 +100,7 @@ def bench_scale(
 ) -> dict:
     import numpy as np
 
-    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.latents.store import LatentStore
 
     result: dict = {"steps": steps, "batch_size": BATCH, "phi_size": 24_448}
     with tempfile.TemporaryDirectory(prefix="lcm-bench-scale-") as tmp:

@@ -1,6 +1,6 @@
 """The real trainer's step against a bare PyTorch loop of the same modules, in one process.
 
-The trainer (``lcm_dist.trainer.Trainer``: shards streamed by the loader, phi paged through the
+The trainer (``lcm_dist.train.loop.Trainer``: shards streamed by the loader, phi paged through the
 write-back cache from a Zarr store, the generator under a DeepSpeed engine) and a bare loop
 (the same latent net and generator, phi in one RAM tensor, ``torch.optim.SGD``, the images
 decoded once into RAM, no DeepSpeed, no store) take their steps alternately, one each, so
@@ -46,8 +46,8 @@ class BareLoop:
     """The same modules, trained the plainest way: everything in RAM, torch.optim.SGD."""
 
     def __init__(self, cfg, images: torch.Tensor):
-        from lcm_dist.generator import Generator
-        from lcm_dist.latent_net import BatchedLatentNet, initial_phi
+        from lcm_dist.model.generator import Generator
+        from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
 
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.images = cfg, images
@@ -59,8 +59,8 @@ class BareLoop:
         self.next = 0
 
     def step(self) -> None:
-        from lcm_dist.latent_net import clamp_phi_
-        from lcm_dist.loss import lcm_loss
+        from lcm_dist.model.latent_net import clamp_phi_
+        from lcm_dist.model.loss import lcm_loss
 
         t, n = self.cfg.train, self.images.shape[0]
         rows = torch.arange(self.next, self.next + BATCH) % n
@@ -81,7 +81,7 @@ class BareLoop:
 
 
 def _images(shards: str) -> torch.Tensor:
-    from lcm_dist.data import ShardLoader
+    from lcm_dist.data.loader import ShardLoader
 
     loader = ShardLoader(shards, batch_size=BATCH)
     batches = list(loader.epoch_batches(0))
@@ -89,7 +89,7 @@ def _images(shards: str) -> torch.Tensor:
 
 
 def _case(cfg, images: torch.Tensor) -> dict:
-    from lcm_dist.trainer import Trainer
+    from lcm_dist.train.loop import Trainer
 
     trainer, bare = Trainer(cfg), BareLoop(cfg, images)
     ours, theirs = [], []
@@ -143,8 +143,8 @@ def bench_step(
 ) -> dict:
     import contextlib
 
-    from lcm_dist.demo import random_crops
-    from lcm_dist.shards import write_shards
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # both sides on one thread
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

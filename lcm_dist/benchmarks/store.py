@@ -36,10 +36,10 @@ def bench_config(tmp: str, shards: str, name: str, in_ram: bool, inner: int, ste
 
 
 def bench_store(images: int = 512, rounds: int = 2) -> dict:
-    from lcm_dist.demo import random_crops
-    from lcm_dist.latent_net import phi_layout
-    from lcm_dist.shards import write_shards
-    from lcm_dist.trainer import train
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
+    from lcm_dist.model.latent_net import phi_layout
+    from lcm_dist.train.loop import train
 
     steps_per_epoch = images // 16
     result: dict = {"images": images, "phi_size": None, "batch_size": 16}

@@ -31,7 +31,7 @@ def _best(fn, rounds: int) -> float:
 
 
 def bench_throughput(chunks: int = 32, rounds: int = 3, threads: int = 2) -> dict:
-    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.latents.store import LatentStore
 
     data = np.random.default_rng(0).standard_normal((ROWS_PER_CHUNK, P)).astype(np.float32)
     total = chunks * data.nbytes

@@ -58,8 +58,8 @@ def model_cost(cfg: RunConfig) -> ModelCost:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lcm_dist.generator import Generator, count_parameters
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi
+    from lcm_dist.model.generator import Generator, count_parameters
+    from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
 
     m = cfg.model
     side = m.noise_size - 2 * len(m.latent_widths)
@@ -173,9 +173,9 @@ def measure_inner_step(cfg: RunConfig, repeats: int = 3) -> tuple[float, str]:
 
     import torch
 
-    from lcm_dist.generator import Generator
-    from lcm_dist.latent_net import BatchedLatentNet, initial_phi
-    from lcm_dist.loss import lcm_loss
+    from lcm_dist.model.generator import Generator
+    from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
+    from lcm_dist.model.loss import lcm_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m, b = cfg.model, cfg.data.batch_size

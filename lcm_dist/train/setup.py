@@ -14,14 +14,15 @@ import time
 
 import torch
 
-from lcm_dist import checkpoint, distributed, lifecycle
-from lcm_dist.cache import WriteBackCache, min_cache_bytes
+from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig, config_to_dict
-from lcm_dist.data import ShardLoader, chunk_need_order
-from lcm_dist.latent_net import initial_phi
-from lcm_dist.latent_store import open_run_store, resolve_url
-from lcm_dist.latent_table import InMemoryLatentTable
-from lcm_dist.shards import load_manifest
+from lcm_dist.data.loader import ShardLoader, chunk_need_order
+from lcm_dist.data.shards import load_manifest
+from lcm_dist.latents.cache import WriteBackCache, min_cache_bytes
+from lcm_dist.latents.store import open_run_store, resolve_url
+from lcm_dist.latents.table import InMemoryLatentTable
+from lcm_dist.model.latent_net import initial_phi
+from lcm_dist.train import checkpoint
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:
@@ -220,7 +221,7 @@ def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
             f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
         )
     if cfg.log.restore_every_steps:
-        from lcm_dist.shards import collect_sources
+        from lcm_dist.data.shards import collect_sources
 
         collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from lcm_dist.config import ModelConfig, model_from_dict
-from lcm_dist.degrade import Degradation
 from lcm_dist.export import ExportError, open_export
-from lcm_dist.generator import Generator
-from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
+from lcm_dist.model.generator import Generator
+from lcm_dist.model.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
+from lcm_dist.restore.degrade import Degradation
 
 DEFAULT_ITERATIONS = 500
 OPTIMIZERS = ("sgd", "adam")
@@ -201,7 +201,7 @@ def load_model(
 def add_fit_arguments(parser, *, task_required: bool) -> None:
     """The command-line options restore.py and evaluate.py share: the export, the task and its
     degradation, and the phi fit."""
-    from lcm_dist.degrade import TASKS
+    from lcm_dist.restore.degrade import TASKS
 
     parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
     parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
@@ -298,7 +298,7 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
 def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
     """The degradation of ``count`` images of ``size`` pixels that the options of
     ``add_fit_arguments`` describe (``extra``: further ``make_operator`` arguments)."""
-    from lcm_dist.degrade import make_operator
+    from lcm_dist.restore.degrade import make_operator
 
     return make_operator(
         args.task,
@@ -448,10 +448,10 @@ def inpainting_preview(
     parameters are left untouched: no gradient reaches them, and it runs in eval mode, on its
     BatchNorm running statistics, as restoration does; its train/eval mode is put back after);
     returns (grid of clean / masked / restored rows, mean PSNR over the holes)."""
-    from lcm_dist.degrade import Inpaint, box_mask
-    from lcm_dist.evaluate import psnr
-    from lcm_dist.latent_net import initial_phi
-    from lcm_dist.metrics import image_grid
+    from lcm_dist.evaluate.report import psnr
+    from lcm_dist.model.latent_net import initial_phi
+    from lcm_dist.restore.degrade import Inpaint, box_mask
+    from lcm_dist.train.monitor import image_grid
 
     params = list(generator.parameters())
     flags = [p.requires_grad for p in params]

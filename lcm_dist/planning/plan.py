@@ -4,10 +4,10 @@ Everything here is arithmetic on the config, the shards' manifest (real, or made
 number of images) and a few stated assumptions about the cluster, with three measured inputs:
 
 * the store's traffic and the cache's peak come from replaying one process's first two epochs
-  through the real cache (``lcm_dist.cache_replay``);
+  through the real cache (``lcm_dist.planning.replay``);
 * the compression ratio comes from compressing rows with the configured codec: real rows if
   the run's store exists, else the initial phi plus noise (``sample_rows``);
-* the FLOPs of an inner step come from ``torch.utils.flop_counter`` (``lcm_dist.step_cost``).
+* the FLOPs of an inner step come from ``torch.utils.flop_counter`` (``lcm_dist.planning.cost``).
 
 Nothing here talks to other processes.
 """
@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lcm_dist.cache import min_cache_bytes
-from lcm_dist.cache_replay import replay_epochs
 from lcm_dist.config import RunConfig
-from lcm_dist.data import shards_for_rank, steps_per_epoch
-from lcm_dist.latent_store import num_chunks, rows_per_chunk_for
-from lcm_dist.step_cost import (
+from lcm_dist.data.loader import shards_for_rank, steps_per_epoch
+from lcm_dist.latents.cache import min_cache_bytes
+from lcm_dist.latents.store import num_chunks, rows_per_chunk_for
+from lcm_dist.planning.cost import (
     Cluster,
     ModelCost,
     checkpoint_bytes,
@@ -31,6 +30,7 @@ from lcm_dist.step_cost import (
     inner_step_time,
     ring_traffic_bytes,
 )
+from lcm_dist.planning.replay import replay_epochs
 
 PREEMPTION_SECONDS = 30.0
 """torchrun and DeepSpeed's launcher kill the training processes this long after SIGTERM."""
@@ -41,9 +41,9 @@ def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
     store if it has committed chunks, else synthetic rows shaped like trained ones."""
     import torch
 
-    from lcm_dist.latent_net import initial_phi, phi_layout
-    from lcm_dist.latent_store import LatentStore, resolve_url, retry_policy
-    from lcm_dist.store_retry import StoreIOError
+    from lcm_dist.latents.retry import StoreIOError
+    from lcm_dist.latents.store import LatentStore, resolve_url, retry_policy
+    from lcm_dist.model.latent_net import initial_phi, phi_layout
 
     url = resolve_url(cfg)
     unread = ""
@@ -85,7 +85,7 @@ def compression_ratio(cfg: RunConfig, rows: np.ndarray) -> float:
 
     import fsspec
 
-    from lcm_dist.latent_store import LatentStore
+    from lcm_dist.latents.store import LatentStore
 
     url = f"memory://lcm-plan-{uuid.uuid4().hex}/latents.zarr"
     store = LatentStore.create(
@@ -168,7 +168,7 @@ def make_plan(
     """The plan of ``cfg`` on ``cluster`` for the dataset ``manifest``; ``cost`` and ``ratio``
     are measured by ``model_cost`` and ``compression_ratio``; ``measured``, from
     ``measure_inner_step``, replaces the computed compute time of an inner step."""
-    from lcm_dist.latent_net import phi_layout
+    from lcm_dist.model.latent_net import phi_layout
 
     plan = Plan()
     d, st, ds = cfg.data, cfg.store, cfg.deepspeed

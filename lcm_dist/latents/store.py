@@ -19,7 +19,7 @@ that dies between commits leaves the committed state readable as it was.
 
 Storage faults: every chunk read and write, the slot-table write and opening the store retry
 transient errors (lost or refused connections, timeouts, HTTP 5xx, throttling) with bounded
-exponential backoff (``lcm_dist.store_retry``); repeating a write is safe because it only ever
+exponential backoff (``lcm_dist.latents.retry``); repeating a write is safe because it only ever
 touches the uncommitted slot.
 
 Index arithmetic (which rows live in which chunk) is in pure functions at the top.
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcm_dist.faults import crash_point
-from lcm_dist.store_retry import RetryPolicy, StoreIOError, reason, store_options
+from lcm_dist.latents.retry import RetryPolicy, StoreIOError, reason, store_options
 
 FORMAT = "lcm-dist-latents"
 VERSION = 1
@@ -148,7 +148,7 @@ def auto_rows_per_chunk(samples_per_shard: int, row_bytes: int) -> int:
 
 def model_signature(model_cfg) -> dict:
     """What a store records about the model, to refuse a config it was not made for."""
-    from lcm_dist.latent_net import phi_layout
+    from lcm_dist.model.latent_net import phi_layout
 
     return {
         "phi_size": phi_layout(model_cfg).size,
@@ -499,7 +499,7 @@ def retry_policy(cfg) -> RetryPolicy:
 def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
     """``store.rows_per_chunk``, or the automatic choice; checked to divide the shard size, so
     that a shard maps to whole chunks and no two processes ever write the same chunk."""
-    from lcm_dist.latent_net import phi_layout
+    from lcm_dist.model.latent_net import phi_layout
 
     row_bytes = phi_layout(cfg.model).size * np.dtype(cfg.store.dtype).itemsize
     rows = cfg.store.rows_per_chunk or auto_rows_per_chunk(samples_per_shard, row_bytes)
@@ -541,7 +541,7 @@ def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
 
     An existing store must match the model and hold at least the dataset's rows, and its chunk
     size must divide the shard size (it is checked before anything is written)."""
-    from lcm_dist.latent_net import initial_phi
+    from lcm_dist.model.latent_net import initial_phi
 
     url = resolve_url(cfg)
     options = cfg.store.storage_options

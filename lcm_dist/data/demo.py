@@ -72,7 +72,7 @@ def random_crops(
 
 def make_demo_shards(out_dir: str, count: int, image_size: int, samples_per_shard: int) -> dict:
     """Write the demo shards unless a manifest is already there; returns the manifest."""
-    from lcm_dist.shards import load_manifest, write_shards
+    from lcm_dist.data.shards import load_manifest, write_shards
 
     if os.path.exists(os.path.join(out_dir, "manifest.json")):
         manifest = load_manifest(out_dir)

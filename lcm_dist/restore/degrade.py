@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lcm_dist.loss import lcm_loss
+from lcm_dist.model.loss import lcm_loss
 
 LUMA = (0.299, 0.587, 0.114)
 DEFAULT_BOX = 0.5
@@ -242,7 +242,7 @@ def mask_from_file(path: str, size: int) -> torch.Tensor:
     ``size`` x ``size``."""
     import os
 
-    from lcm_dist.shards import load_image
+    from lcm_dist.data.shards import load_image
 
     if not os.path.isfile(path):
         raise ValueError(f"mask file {path} does not exist")

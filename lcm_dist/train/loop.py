@@ -6,8 +6,8 @@ the generator under DeepSpeed, computes Lap-L1 + MSE, and does one backward pass
 gradients for theta (averaged across ranks by DeepSpeed) and for phi (local: phi never enters
 the engine). phi is then stepped by plain SGD and its conv weights clamped. The updated rows go
 back to the write-back cache. Every ``checkpoint.every_steps`` batches and at the end, the run
-commits a checkpoint (``lcm_dist.checkpoint``); re-running the same command continues from the
-newest commit. ``Trainer`` builds the parts (``lcm_dist.run_setup``) and takes one step at a
+commits a checkpoint (``lcm_dist.train.checkpoint``); re-running the same command continues from the
+newest commit. ``Trainer`` builds the parts (``lcm_dist.train.setup``) and takes one step at a
 time; ``train`` is the loop around it.
 """
 
@@ -20,14 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from lcm_dist import checkpoint, distributed, lifecycle, run_setup
+from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
-from lcm_dist.data import Batch, ShardLoader
-from lcm_dist.generator import Generator, count_parameters
-from lcm_dist.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
-from lcm_dist.loss import lcm_loss
-from lcm_dist.metrics import NullLogger, PhaseClock, RowTrace, RunLogger, image_grid
-from lcm_dist.restore import inpainting_preview
+from lcm_dist.data.loader import Batch, ShardLoader
+from lcm_dist.model.generator import Generator, count_parameters
+from lcm_dist.model.latent_net import BatchedLatentNet, clamp_phi_, phi_layout
+from lcm_dist.model.loss import lcm_loss
+from lcm_dist.restore.fit import inpainting_preview
+from lcm_dist.train import checkpoint
+from lcm_dist.train import setup as run_setup
+from lcm_dist.train.monitor import NullLogger, PhaseClock, RowTrace, RunLogger, image_grid
 
 
 class NonFiniteLossError(RuntimeError):
@@ -178,7 +180,7 @@ class Trainer:
         self.clock = PhaseClock(device)
         # FLOPs per image (forward and backward of the latent net and the generator), counted
         # once with torch's FLOP counter, for the FLOP/s and utilisation scalars.
-        from lcm_dist.step_cost import model_cost
+        from lcm_dist.planning.cost import model_cost
 
         cost = model_cost(cfg)
         self.flops_per_image = cost.forward_flops + cost.backward_flops
@@ -343,7 +345,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     # Held-back images for the restoration preview (rank 0 only; up to 8).
     held_back = None
     if cfg.log.restore_every_steps and distributed.is_main():
-        from lcm_dist.evaluate import load_images
+        from lcm_dist.evaluate.report import load_images
 
         held_back = load_images([cfg.log.restore_images], cfg.model.image_size)[0][:8]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcm_dist.degrade import Degradation, Inpaint
-from lcm_dist.metrics import image_grid
+from lcm_dist.restore.degrade import Degradation, Inpaint
+from lcm_dist.train.monitor import image_grid
 
 METHODS = ("lcm", "dip", "naive")
 
@@ -23,7 +23,7 @@ METHODS = ("lcm", "dip", "naive")
 def load_images(paths: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
     """Image files (or folders of them) as a (N, 3, size, size) batch in [0, 1], each
     centre-cropped to a square and resized; returns (images, names)."""
-    from lcm_dist.shards import collect_sources, load_image, prepare_image
+    from lcm_dist.data.shards import collect_sources, load_image, prepare_image
 
     files = collect_sources(paths)
     images = [
@@ -84,7 +84,7 @@ def write_report(
     {"images": tensor, "metrics": per-image list, "iterations": n, "seconds": s}."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from lcm_dist.restore import to_png_bytes
+    from lcm_dist.restore.fit import to_png_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lcm_dist.latent_store import LatentStore
-from lcm_dist.store_retry import StoreIOError, StoreUnavailableError
+from lcm_dist.latents.retry import StoreIOError, StoreUnavailableError
+from lcm_dist.latents.store import LatentStore
 
 __all__ = ["StoreIOError", "WriteBackCache", "min_cache_bytes"]
 

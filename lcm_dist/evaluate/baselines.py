@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcm_dist.degrade import Degradation
+from lcm_dist.restore.degrade import Degradation
 
 
 def _block(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:

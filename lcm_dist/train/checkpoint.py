@@ -12,7 +12,7 @@ A checkpoint is committed by one atomic rename of ``latest.json``, which names t
 folder and lists every file in it with its size and SHA-256. Until that rename the previous
 commit stays the current one; a crash at any instant leaves either the old or the new commit,
 never a mix. The latent store's rows of a commit are the slots its ``slots.npy`` points at:
-writes after the commit go to the other slot of each chunk (``lcm_dist.latent_store``), so
+writes after the commit go to the other slot of each chunk (``lcm_dist.latents.store``), so
 they never leak into a resumed run.
 
 Only the newest commit is resumable: older checkpoint folders keep the generator, but the

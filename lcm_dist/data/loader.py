@@ -33,8 +33,8 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from lcm_dist.data.shards import join, load_manifest
 from lcm_dist.lifecycle import loader_worker_init
-from lcm_dist.shards import join, load_manifest
 
 
 class ShardDecodeError(ValueError):
@@ -83,7 +83,7 @@ def chunk_need_order(
     takes samples from the workers in turn, so the j-th shards of all workers are read at the
     same time: their chunks are interleaved.
     """
-    from lcm_dist.latent_store import chunks_of_rows
+    from lcm_dist.latents.store import chunks_of_rows
 
     workers = max(1, num_workers)
     per_worker = [shard_ids[w::workers] for w in range(workers)]

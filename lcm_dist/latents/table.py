@@ -1,6 +1,6 @@
 """An in-memory latent table: every image's phi row held in RAM.
 
-It has the interface of the write-back cache over the Zarr store (``lcm_dist.cache``): rows
+It has the interface of the write-back cache over the Zarr store (``lcm_dist.latents.cache``): rows
 that were never trained read as the shared initial phi, ``read_rows`` hands a batch's rows to the
 step as one (B, P) tensor and ``write_rows`` takes the updated rows back. Its memory is N x P
 floats, it is private to one process and nothing is saved, so it only suits single-process runs

@@ -234,7 +234,7 @@ def write_shards(
 def make_folder(path: str | os.PathLike, what: str) -> Path:
     """Create the output folder ``path`` (and its parents); a one-line ValueError naming it
     (``what``: e.g. "output folder") when that is impossible."""
-    from lcm_dist.latent_store import _reason
+    from lcm_dist.latents.store import _reason
 
     out = Path(path)
     if out.exists() and not out.is_dir():

@@ -1,0 +1,1 @@
+"""Training data: shard writing and reading, the epoch/rank/worker plan, the streaming loader."""

@@ -1,0 +1,1 @@
+"""Per-image latents: the chunked Zarr store, the write-back cache, the in-RAM table, retries."""

@@ -1,0 +1,1 @@
+"""Capacity planning: what a run will need, predicted before it starts."""

@@ -1,0 +1,1 @@
+"""Training: run setup, the step and the loop, checkpoints, logging."""
