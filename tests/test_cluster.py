@@ -244,7 +244,7 @@ def test_an_images_phi_step_and_theta_weight_do_not_depend_on_its_batch_size():
     from lcm_dist.model.generator import Generator
     from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
     from lcm_dist.model.loss import lcm_loss
-    from lcm_dist.train.loop import fit_batch
+    from lcm_dist.train.step import fit_batch
 
     cfg = config_from_dict(
         {

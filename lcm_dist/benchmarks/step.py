@@ -1,6 +1,6 @@
 """The real trainer's step against a bare PyTorch loop of the same modules, in one process.
 
-The trainer (``lcm_dist.train.loop.Trainer``: shards streamed by the loader, phi paged through the
+The trainer (``lcm_dist.train.trainer.Trainer``: shards streamed by the loader, phi paged through the
 write-back cache from a Zarr store, the generator under a DeepSpeed engine) and a bare loop
 (the same latent net and generator, phi in one RAM tensor, ``torch.optim.SGD``, the images
 decoded once into RAM, no DeepSpeed, no store) take their steps alternately, one each, so
@@ -89,7 +89,7 @@ def _images(shards: str) -> torch.Tensor:
 
 
 def _case(cfg, images: torch.Tensor) -> dict:
-    from lcm_dist.train.loop import Trainer
+    from lcm_dist.train.trainer import Trainer
 
     trainer, bare = Trainer(cfg), BareLoop(cfg, images)
     ours, theirs = [], []
