@@ -31,14 +31,10 @@ import numpy as np
 
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.data.shards import load_keys
-from lcm_dist.latents.retry import StoreIOError, store_options
-from lcm_dist.latents.store import (
-    LatentStore,
-    _reason,
-    open_checked_group,
-    resolve_url,
-    retry_policy,
-)
+from lcm_dist.latents.retry import StoreIOError, plain_reason, store_options
+from lcm_dist.latents.run_store import resolve_url, retry_policy
+from lcm_dist.latents.store import LatentStore
+from lcm_dist.latents.zarr_groups import open_checked_group
 from lcm_dist.model.latent_net import initial_phi, make_noise, phi_layout
 from lcm_dist.train import checkpoint
 
@@ -160,7 +156,7 @@ def export_run(
     except StoreIOError:
         raise
     except Exception as err:
-        raise ExportError(f"cannot create the export at {out_url}: {_reason(err)}") from None
+        raise ExportError(f"cannot create the export at {out_url}: {plain_reason(err)}") from None
 
     layout = phi_layout(model)
     attrs = {

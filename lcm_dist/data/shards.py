@@ -234,7 +234,7 @@ def write_shards(
 def make_folder(path: str | os.PathLike, what: str) -> Path:
     """Create the output folder ``path`` (and its parents); a one-line ValueError naming it
     (``what``: e.g. "output folder") when that is impossible."""
-    from lcm_dist.latents.store import _reason
+    from lcm_dist.latents.retry import plain_reason
 
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -242,7 +242,7 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the {what} {out}: {_reason(err)}") from None
+        raise ValueError(f"cannot create the {what} {out}: {plain_reason(err)}") from None
     return out
 
 

@@ -134,6 +134,15 @@ def reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def plain_reason(err: Exception) -> str:
+    """Why an operation on a store failed, in a few words: the system's message for OS errors
+    ("permission denied", "no space left on device"), else the error's type and first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[:1].lower() + err.strerror[1:]
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 class StoreIOError(RuntimeError):
     """Reading or writing the latent store failed."""
 

@@ -22,7 +22,8 @@ transient errors (lost or refused connections, timeouts, HTTP 5xx, throttling) w
 exponential backoff (``lcm_dist.latents.retry``); repeating a write is safe because it only ever
 touches the uncommitted slot.
 
-Index arithmetic (which rows live in which chunk) is in pure functions at the top.
+Index arithmetic (which rows live in which chunk) is in pure functions in ``layout.py``; opening
+the store a run's config describes is in ``run_store.py``.
 """
 
 from __future__ import annotations
@@ -35,115 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcm_dist.faults import crash_point
-from lcm_dist.latents.retry import RetryPolicy, StoreIOError, reason, store_options
+from lcm_dist.latents.layout import (  # noqa: F401  (re-exported: the store's index arithmetic)
+    auto_rows_per_chunk,
+    chunk_bounds,
+    chunks_of_rows,
+    num_chunks,
+)
+from lcm_dist.latents.retry import RetryPolicy, StoreIOError, plain_reason, reason, store_options
+from lcm_dist.latents.zarr_groups import open_checked_group
 
 FORMAT = "lcm-dist-latents"
 VERSION = 1
-MAX_AUTO_CHUNK_BYTES = 8 << 20
 SLOTS_CHUNK = 1 << 20
-
-
-SAFE_CODECS = frozenset(
-    {"bytes", "transpose", "zstd", "blosc", "gzip", "crc32c", "vlen-utf8", "vlen-bytes"}
-)
-"""Zarr codecs lcm-dist decodes. Anything else (e.g. a pickle filter) is refused: decoding
-data must never run code from it."""
-
-
-def open_group_v3(url: str, mode: str, storage_options: dict | None = None):
-    """``zarr.open_group`` restricted to Zarr v3 (the v2 format can name a pickle filter)."""
-    import zarr
-
-    return zarr.open_group(
-        url, mode=mode, zarr_format=3, storage_options=store_options(url, storage_options)
-    )
-
-
-def check_codecs(group, url: str, call=None) -> None:
-    """Refuse a group with an array whose codecs are not all in ``SAFE_CODECS``. ``call(fn)``
-    runs each metadata read (one listing, then one per array), e.g. under a retry policy, so
-    that a transient error repeats one small request rather than all of them."""
-    import warnings
-
-    call = call or (lambda fn: fn())
-    with warnings.catch_warnings():
-        # An export keeps generator.safetensors beside its arrays; zarr warns about it.
-        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-        names = call(lambda: sorted(group.array_keys()))
-        arrays = [(name, call(lambda n=name: group[n])) for name in names]
-    for name, array in arrays:
-        codecs = [c.to_dict().get("name") for c in getattr(array.metadata, "codecs", ())]
-        unsafe = [c for c in codecs if c not in SAFE_CODECS]
-        if unsafe:
-            raise ValueError(
-                f"array {name!r} of {url} uses the codec(s) {', '.join(map(str, unsafe))}, "
-                f"which lcm-dist does not decode (allowed: {', '.join(sorted(SAFE_CODECS))})"
-            )
-
-
-def open_checked_group(
-    url: str,
-    mode: str,
-    storage_options: dict | None,
-    what: str,
-    fmt: str,
-    version: int,
-    retry: RetryPolicy | None = None,
-):
-    """Open one of lcm-dist's Zarr groups (``what``: "latent store", "export"); returns
-    ``(group, attrs)`` after checking its format attribute, version and codecs. Transient
-    errors are retried for a short while (``RetryPolicy.opening``)."""
-
-    def open_group():
-        group = open_group_v3(url, mode, storage_options)
-        return group, dict(group.attrs)
-
-    policy = (retry or RetryPolicy()).opening()
-    try:
-        group, attrs = policy.call(open_group, f"opening the {what}", url)
-    except FileNotFoundError:
-        raise ValueError(f"no {what} at {url}") from None
-    except StoreIOError:
-        raise
-    except Exception as err:
-        raise ValueError(f"cannot open the {what} at {url}: {_reason(err)}") from None
-    if attrs.get("format") != fmt:
-        raise ValueError(f"{url} is not an lcm-dist {what} (no format {fmt!r} attribute)")
-    if attrs.get("version") != version:
-        raise ValueError(
-            f"{what} {url} has format version {attrs.get('version')}; this lcm-dist reads "
-            f"version {version}"
-        )
-    check_codecs(group, url, lambda fn: policy.call(fn, f"opening the {what}", url))
-    return group, attrs
-
-
-def num_chunks(num_rows: int, rows_per_chunk: int) -> int:
-    return -(-num_rows // rows_per_chunk)
-
-
-def chunk_bounds(chunk: int, rows_per_chunk: int, num_rows: int) -> tuple[int, int]:
-    """[start, stop) rows of ``chunk`` (the last chunk may be short)."""
-    start = chunk * rows_per_chunk
-    return start, min(start + rows_per_chunk, num_rows)
-
-
-def chunks_of_rows(first_row: int, count: int, rows_per_chunk: int) -> range:
-    """The chunks that hold rows [first_row, first_row + count)."""
-    if count <= 0:
-        return range(0)
-    return range(first_row // rows_per_chunk, (first_row + count - 1) // rows_per_chunk + 1)
-
-
-def auto_rows_per_chunk(samples_per_shard: int, row_bytes: int) -> int:
-    """The largest divisor of ``samples_per_shard`` whose chunk is at most 8 MB (at least 1):
-    a shard then maps to whole chunks, and chunks are big enough that Zarr's per-chunk cost
-    (~1 ms) is small next to the data."""
-    best = 1
-    for d in range(1, samples_per_shard + 1):
-        if samples_per_shard % d == 0 and d * row_bytes <= MAX_AUTO_CHUNK_BYTES:
-            best = d
-    return best
 
 
 def model_signature(model_cfg) -> dict:
@@ -279,7 +183,9 @@ class LatentStore:
         except StoreIOError:
             raise
         except Exception as err:
-            raise ValueError(f"cannot create a latent store at {url}: {_reason(err)}") from None
+            raise ValueError(
+                f"cannot create a latent store at {url}: {plain_reason(err)}"
+            ) from None
         chunks = num_chunks(num_rows, rows_per_chunk)
         for name in ("slot0", "slot1"):
             step(
@@ -368,7 +274,9 @@ class LatentStore:
         except StoreIOError:
             raise
         except Exception as err:  # e.g. no fsspec backend installed for the URL's protocol
-            raise ValueError(f"cannot open the latent store at {url}: {_reason(err)}") from None
+            raise ValueError(
+                f"cannot open the latent store at {url}: {plain_reason(err)}"
+            ) from None
 
     # Chunks.
 
@@ -473,106 +381,3 @@ class LatentStore:
             )
         self.committed = slots.copy()
         self.live = slots.copy()
-
-
-def _reason(err: Exception) -> str:
-    """Why an operation on a store failed, in a few words: the system's message for OS errors
-    ("permission denied", "no space left on device"), else the error's type and first line."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror[:1].lower() + err.strerror[1:]
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def resolve_url(cfg) -> str:
-    """The run's store URL (``store.url``, or ``<run_dir>/latents.zarr``)."""
-    import os
-
-    return cfg.store.url or os.path.join(cfg.run_dir, "latents.zarr")
-
-
-def retry_policy(cfg) -> RetryPolicy:
-    """The run's retry policy for store operations (``store.retries``, ``store.retry_seconds``)."""
-    return RetryPolicy(retries=cfg.store.retries, seconds=cfg.store.retry_seconds)
-
-
-def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
-    """``store.rows_per_chunk``, or the automatic choice; checked to divide the shard size, so
-    that a shard maps to whole chunks and no two processes ever write the same chunk."""
-    from lcm_dist.model.latent_net import phi_layout
-
-    row_bytes = phi_layout(cfg.model).size * np.dtype(cfg.store.dtype).itemsize
-    rows = cfg.store.rows_per_chunk or auto_rows_per_chunk(samples_per_shard, row_bytes)
-    if samples_per_shard % rows:
-        raise ValueError(
-            f"store.rows_per_chunk ({rows}) must divide the shards' samples_per_shard "
-            f"({samples_per_shard}) so that each shard maps to whole chunks; set it to a divisor "
-            "or 0 (automatic)"
-        )
-    return rows
-
-
-def store_codec(store: LatentStore) -> str:
-    """The compression of a store's chunks: none, zstd or blosc."""
-    names = {type(c).__name__ for c in store._data[0].compressors}
-    return "zstd" if "ZstdCodec" in names else "blosc" if "BloscCodec" in names else "none"
-
-
-def _check_store_settings(cfg, store: LatentStore) -> None:
-    """A store keeps the dtype, codec and chunking it was made with: a config that asks for
-    others (e.g. on resume) is an error, not silently ignored."""
-    st = cfg.store
-    have = {"dtype": str(store.dtype), "codec": store_codec(store)}
-    want = {"dtype": st.dtype, "codec": st.codec}
-    if st.rows_per_chunk:
-        have["rows_per_chunk"], want["rows_per_chunk"] = store.rows_per_chunk, st.rows_per_chunk
-    diff = [
-        f"store.{k}: store {have[k]!r} vs config {want[k]!r}" for k in want if have[k] != want[k]
-    ]
-    if diff:
-        raise ValueError(
-            f"latent store {store.url} was made with other settings ({', '.join(diff)}); a store "
-            "keeps the settings it was made with: set them back, or use a new store.url"
-        )
-
-
-def open_run_store(cfg, manifest: dict, create: bool) -> LatentStore:
-    """Open the run's store, creating it first if ``create`` and it does not exist yet.
-
-    An existing store must match the model and hold at least the dataset's rows, and its chunk
-    size must divide the shard size (it is checked before anything is written)."""
-    from lcm_dist.model.latent_net import initial_phi
-
-    url = resolve_url(cfg)
-    options = cfg.store.storage_options
-    signature = model_signature(cfg.model)
-    sps = manifest["samples_per_shard"]
-    faults = {"retry": retry_policy(cfg), "stall_warning_seconds": cfg.store.stall_warning_seconds}
-    if create and not LatentStore.exists(url, options, faults["retry"]):
-        store = LatentStore.create(
-            url,
-            num_rows=manifest["num_samples"],
-            initial=initial_phi(cfg.model).numpy(),
-            signature=signature,
-            rows_per_chunk=rows_per_chunk_for(cfg, sps),
-            codec=cfg.store.codec,
-            codec_level=cfg.store.codec_level,
-            dtype=cfg.store.dtype,
-            storage_options=options,
-            **faults,
-        )
-    else:
-        store = LatentStore.open(
-            url,
-            signature=signature,
-            min_rows=manifest["num_samples"],
-            storage_options=options,
-            **faults,
-        )
-        _check_store_settings(cfg, store)
-    if sps % store.rows_per_chunk:
-        raise ValueError(
-            f"latent store {url} has {store.rows_per_chunk} rows per chunk, which does not "
-            f"divide the shards' samples_per_shard ({sps}); remake the shards or the store"
-        )
-    return store

@@ -21,7 +21,8 @@ import numpy as np
 from lcm_dist.config import RunConfig
 from lcm_dist.data.loader import shards_for_rank, steps_per_epoch
 from lcm_dist.latents.cache import min_cache_bytes
-from lcm_dist.latents.store import num_chunks, rows_per_chunk_for
+from lcm_dist.latents.layout import num_chunks
+from lcm_dist.latents.run_store import rows_per_chunk_for
 from lcm_dist.planning.cost import (
     Cluster,
     ModelCost,
@@ -42,7 +43,8 @@ def sample_rows(cfg: RunConfig, count: int) -> tuple[np.ndarray, str]:
     import torch
 
     from lcm_dist.latents.retry import StoreIOError
-    from lcm_dist.latents.store import LatentStore, resolve_url, retry_policy
+    from lcm_dist.latents.run_store import resolve_url, retry_policy
+    from lcm_dist.latents.store import LatentStore
     from lcm_dist.model.latent_net import initial_phi, phi_layout
 
     url = resolve_url(cfg)

@@ -19,7 +19,7 @@ from lcm_dist.config import RunConfig, config_to_dict
 from lcm_dist.data.loader import ShardLoader, chunk_need_order
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.latents.cache import WriteBackCache, min_cache_bytes
-from lcm_dist.latents.store import open_run_store, resolve_url
+from lcm_dist.latents.run_store import open_run_store, resolve_url
 from lcm_dist.latents.table import InMemoryLatentTable
 from lcm_dist.model.latent_net import initial_phi
 from lcm_dist.train import checkpoint
