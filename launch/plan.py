@@ -15,8 +15,9 @@ import sys
 
 from lcm_dist.config import add_override_argument, load_config
 from lcm_dist.data.shards import load_manifest
+from lcm_dist.planning.compression import compression_ratio, sample_rows
 from lcm_dist.planning.cost import Cluster, measure_inner_step, model_cost
-from lcm_dist.planning.plan import assumptions_text, compression_ratio, make_plan, sample_rows
+from lcm_dist.planning.plan import assumptions_text, make_plan
 from lcm_dist.planning.replay import synthetic_manifest
 
 DEFAULTS = Cluster()

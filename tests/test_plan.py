@@ -289,7 +289,7 @@ def test_compression_is_measured_with_the_configured_codec(tmp_path):
     import numpy as np
 
     from lcm_dist.latents.store import LatentStore
-    from lcm_dist.planning.plan import compression_ratio, sample_rows
+    from lcm_dist.planning.compression import compression_ratio, sample_rows
 
     cfg = _cfg(tmp_path)
     rows, note = sample_rows(cfg, 16)
@@ -321,7 +321,7 @@ def test_measured_step_time(tmp_path, demo_shards):
 
 def test_synthetic_rows_compress_like_trained_ones(tmp_path, trained_run):
     from lcm_dist.latents.store import LatentStore
-    from lcm_dist.planning.plan import compression_ratio, sample_rows
+    from lcm_dist.planning.compression import compression_ratio, sample_rows
 
     trained = LatentStore.open(str(trained_run / "latents.zarr"), mode="r").read_rows(range(64))
     for codec in ("zstd", "blosc"):
