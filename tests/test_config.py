@@ -45,7 +45,7 @@ def test_paper_preset(tmp_path):
         ({"train": {"max_steps": 5, "lr_phy": 1.0}}, "unknown config key 'train.lr_phy'"),
         ({"modle": {}}, "unknown config key 'modle'"),
         ({"train": {"max_steps": "5"}}, "'train.max_steps' must be an integer"),
-        ({"train": {"max_steps": 0}}, "'train.max_steps' must be a positive"),
+        ({"train": {"max_steps": 0}}, "'train.max_steps' is 0; it must be >= 1"),
         ({"train": {}}, "missing required config key 'train.max_steps'"),
         ({"model": {"preset": "huge"}}, "'model.preset'"),
         ({"model": {"latent_widths": [8, "x"]}}, "'model.latent_widths[1]'"),
@@ -121,11 +121,13 @@ def test_overrides_use_the_typed_loader(tmp_path):
     with pytest.raises(ValueError, match="section.key=value"):
         apply_overrides(BASE, ["train.max_steps"])
     # A bad value from the command line is blamed on its --set, a bad file on the file.
-    with pytest.raises(ValueError, match=r"^--set data.batch_size=0: .*must be positive"):
+    with pytest.raises(
+        ValueError, match=r"^--set data.batch_size=0: .*batch_size' is 0; it must be >= 1"
+    ):
         load_config(path, ["train.lr_phi=0.5", "data.batch_size=0", "train.seed=1"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**BASE, "data": {**BASE["data"], "batch_size": 0}}))
-    with pytest.raises(ValueError, match=rf"^{bad}: .*must be positive"):
+    with pytest.raises(ValueError, match=rf"^{bad}: .*batch_size' is 0; it must be >= 1"):
         load_config(bad, ["train.lr_phi=0.5"])
 
 
