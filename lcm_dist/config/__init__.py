@@ -2,13 +2,14 @@
 
 The file holds the project's own sections (``model``, ``data``, ``store``, ``train``,
 ``checkpoint``, ``log``) plus a ``deepspeed`` section that is handed verbatim to
-``deepspeed.initialize``. Unknown keys, duplicate keys and
+``deepspeed.initialize``. Unknown keys (in the ``deepspeed`` section too), duplicate keys and
 values of the wrong type are errors that name their dotted path, so a typo never silently falls
 back to a default. Command-line overrides (``--set train.lr_phi=0.5``) go through the same
 loader.
 
 * ``schema.py``: the sections, their types, defaults and one-line descriptions; model presets.
 * ``checks.py``: checks across keys (the model's layers fit, the deepspeed section suits us).
+* ``deepspeed_keys.py``: the keys DeepSpeed reads, for the ``deepspeed`` section.
 * ``load.py``: JSON files, ``--set`` overrides, error messages, the resolved config.
 """
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lcm_dist.config.deepspeed_keys import check_section_keys, check_top_level_keys
+
 if TYPE_CHECKING:
     from lcm_dist.config.schema import ModelConfig, RunConfig
 
@@ -94,7 +96,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def validate_deepspeed(ds: dict[str, Any], batch_size: int) -> None:
-    """The ``deepspeed`` section: settings this trainer supports."""
+    """The ``deepspeed`` section: keys DeepSpeed knows, and settings this trainer supports."""
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled"):
         raise ValueError(
             "config key 'deepspeed.fp16.enabled' is true, but fp16 is not supported: DeepSpeed "
@@ -107,6 +109,7 @@ def validate_deepspeed(ds: dict[str, Any], batch_size: int) -> None:
             "config key 'deepspeed.amp.enabled' is true, but apex AMP is not supported; use "
             "deepspeed.bf16"
         )
+    check_top_level_keys(ds)
     if "optimizer" not in ds:
         raise ValueError(
             "config key 'deepspeed.optimizer' is missing; the generator's optimizer is set there, "
@@ -118,12 +121,7 @@ def validate_deepspeed(ds: dict[str, Any], batch_size: int) -> None:
             "config key 'deepspeed.optimizer' must name the optimizer's type, "
             'e.g. {"type": "SGD", "params": {"lr": 1.0}}'
         )
-    unknown = sorted(set(opt) - {"type", "params", "legacy_fusion"})
-    if unknown:
-        raise ValueError(
-            f"unknown config key 'deepspeed.optimizer.{unknown[0]}'; valid keys here are: "
-            "legacy_fusion, params, type"
-        )
+    check_section_keys(ds)
     if not isinstance(opt.get("params", {}), dict):
         raise ValueError("config key 'deepspeed.optimizer.params' must be an object")
     micro = ds.get("train_micro_batch_size_per_gpu")

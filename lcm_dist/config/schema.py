@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from lcm_dist.config import checks
+from lcm_dist.config.deepspeed_keys import deepspeed_json_schema
 
 # Model presets. ``paper`` is the authors' model at 128x128 (REFERENCE: s 40x40, z 64x32x32,
 # EncDecCelebA). The CPU presets keep every layer of it, the latent nets unchanged
@@ -89,7 +90,8 @@ class ModelConfig(Section):
     )
     phi_init_seed: StrictInt = Field(
         42,
-        description="Seed of the PyTorch default conv init that gives every image's first phi (the authors' 42)",
+        description="Seed of the PyTorch default conv init that gives every image's first phi (the "
+        "authors' 42)",
     )
     gen_encoder_widths: Widths = _widths(
         (64, 128, 256),
@@ -143,7 +145,8 @@ class TrainConfig(Section):
     lap_levels: StrictInt = Field(
         4,
         ge=1,
-        description="Lap-L1 terms: lap_levels - 1 bands and the low-pass residual (4: the authors' max_levels=3)",
+        description="Lap-L1 terms: lap_levels - 1 bands and the low-pass residual (4: the authors' "
+        "max_levels=3)",
     )
     mse_weight: float = Field(1.0, ge=0, description="Weight of the MSE term next to Lap-L1")
     seed: StrictInt = Field(0, description="Seed of the data order and all other random streams")
@@ -179,12 +182,14 @@ class StoreConfig(Section):
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options, e.g. endpoint_url, key, secret for s3 (default timeouts: 5 s connect, 15 s read)",
+        description="fsspec options, e.g. endpoint_url, key, secret for s3 (default timeouts: 5 s "
+        "connect, 15 s read)",
     )
     retries: StrictInt = Field(
         10,
         ge=0,
-        description="Retries of a store operation that fails transiently (waits double from 0.5 s to 20 s; 0: none)",
+        description="Retries of a store operation that fails transiently (waits double from 0.5 s "
+        "to 20 s; 0: none)",
     )
     retry_seconds: float = Field(
         120.0,
@@ -194,7 +199,8 @@ class StoreConfig(Section):
     stall_warning_seconds: float = Field(
         30.0,
         ge=0,
-        description="Warn when a step has waited this many s for the store, and every as many s after (0: never)",
+        description="Warn when a step has waited this many s for the store, and every as many s "
+        "after (0: never)",
     )
     in_ram: bool = Field(
         False, description="All latents in RAM, no store, nothing saved (small data, benchmarks)"
@@ -233,7 +239,8 @@ class LogConfig(Section):
     )
     trace_rows: bool = Field(
         False,
-        description="Audit the data plan: each process's rows per batch and final generator checksum to <run_dir>/trace/rows-rank<R>.jsonl",
+        description="Audit the data plan: each process's rows per batch and final generator "
+        "checksum to <run_dir>/trace/rows-rank<R>.jsonl",
     )
     accelerator_tflops: float = Field(
         0.0, ge=0, description="Peak dense TFLOP/s of one GPU, for the perf/mfu scalar (0: none)"
@@ -254,7 +261,9 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
-        description="Passed verbatim to deepspeed.initialize (optimizer, required; ZeRO, precision); only keys DeepSpeed reads",
+        description="DeepSpeed's config (optimizer required, ZeRO, precision, ...), passed "
+        "verbatim to deepspeed.initialize; unknown keys are errors",
+        json_schema_extra=deepspeed_json_schema(),
     )
 
     @model_validator(mode="after")
