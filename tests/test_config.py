@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from lcm_dist.config import (
@@ -16,6 +17,7 @@ from lcm_dist.config import (
     write_resolved_config,
 )
 from lcm_dist.config.deepspeed_keys import INITIALIZE_KEYS, SECTION_KEYS, TOP_LEVEL_KEYS
+from tests.conftest import REPO, run_script
 
 BASE = {
     "run_dir": "runs/x",
@@ -324,3 +326,50 @@ def test_deepspeed_key_lists_match_the_installed_deepspeed():
     for path, keys in expected.items():
         listed = SECTION_KEYS[path]
         assert listed == keys, f"{path}: add {sorted(keys - listed)}, drop {sorted(listed - keys)}"
+
+
+def printed_schema() -> dict:
+    """What ``launch/train.py --print-config-schema`` prints; it must exit 0 without importing
+    torch or DeepSpeed (it is for editors and validators, and must be quick)."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['launch/train.py', '--print-config-schema']\n"
+        "try:\n"
+        "    runpy.run_path('launch/train.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, f'exit status {stop.code}'\n"
+        "heavy = [name for name in ('torch', 'deepspeed') if name in sys.modules]\n"
+        "assert not heavy, f'--print-config-schema imported {heavy}'\n"
+    )
+    proc = run_script("-c", code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_printed_schema_accepts_the_shipped_configs_and_rejects_bad_ones():
+    schema = printed_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    names = sorted((REPO / "configs").glob("*.json"))
+    assert len(names) >= 3
+    for name in names:
+        error = jsonschema.exceptions.best_match(
+            validator.iter_errors(json.loads(name.read_text()))
+        )
+        assert error is None, f"{name.name}: {error.message}"
+    good = json.loads((REPO / "configs" / "demo.json").read_text())
+    train, ds = good["train"], good["deepspeed"]
+    bad = [
+        {**good, "train": {**train, "lr_phy": 1.0}},
+        {**good, "train": {**train, "max_steps": "300"}},
+        {**good, "train": {**train, "max_steps": 0}},
+        {**good, "store": {"codec": "lz4"}},
+        {**good, "model": {"latent_widths": [8, 16.5]}},
+        {key: value for key, value in good.items() if key != "run_dir"},
+        {**good, "deepspeed": {**ds, "optimizr": {"type": "SGD"}}},
+        {**good, "deepspeed": {**ds, "zero_optimization": {"stgae": 2}}},
+    ]
+    for config in bad:
+        assert not validator.is_valid(config), config
+        with pytest.raises(ValueError):  # the loader agrees
+            config_from_dict(config)
