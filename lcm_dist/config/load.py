@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def _section_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         inner = field.annotation if field is not None else None
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+        if typing.get_origin(inner) or not (
+            isinstance(inner, type) and issubclass(inner, BaseModel)
+        ):
             return []
         cls = inner
     return list(cls.model_fields)
