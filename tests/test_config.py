@@ -3,6 +3,7 @@
 import inspect
 import json
 import re
+import typing
 from pathlib import Path
 
 import jsonschema
@@ -373,3 +374,31 @@ def test_printed_schema_accepts_the_shipped_configs_and_rejects_bad_ones():
         assert not validator.is_valid(config), config
         with pytest.raises(ValueError):  # the loader agrees
             config_from_dict(config)
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from lcm_dist.config.reference import COMMAND, readme_block, reference_markdown
+
+    text = (REPO / "README.md").read_text()
+    begin, end = readme_block(text)
+    block = "".join(text.splitlines(keepends=True)[begin:end])
+    assert block == reference_markdown(), f"README.md's config reference is stale; run {COMMAND}"
+    assert len(block.splitlines()) <= 70
+
+
+def test_every_key_has_a_description():
+    from pydantic import BaseModel
+
+    from lcm_dist.config import RunConfig
+
+    def is_section(tp) -> bool:
+        return not typing.get_origin(tp) and isinstance(tp, type) and issubclass(tp, BaseModel)
+
+    sections = [RunConfig] + [
+        f.annotation for f in RunConfig.model_fields.values() if is_section(f.annotation)
+    ]
+    assert len(sections) == 7
+    for section in sections:
+        for name, field in section.model_fields.items():
+            if not is_section(field.annotation):
+                assert field.description, f"{section.__name__}.{name} has no description"

@@ -11,6 +11,7 @@ loader.
 * ``checks.py``: checks across keys (the model's layers fit, the deepspeed section suits us).
 * ``deepspeed_keys.py``: the keys DeepSpeed reads, for the ``deepspeed`` section.
 * ``load.py``: JSON files, ``--set`` overrides, error messages, the resolved config.
+* ``reference.py``: the README's config reference, generated from ``schema.py``.
 """
 
 from lcm_dist.config.checks import validate, validate_model
