@@ -1,5 +1,4 @@
-"""The config's documentation, generated from the schema: the README's key reference and the
-JSON Schema.
+"""The README's config reference, generated from the schema's fields, so the two cannot drift.
 
     python -m lcm_dist.config.reference                    # print the reference (markdown)
     python -m lcm_dist.config.reference --write README.md  # rewrite it in README.md
@@ -17,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from lcm_dist.config.schema import MODEL_PRESETS, config_json_schema
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
@@ -46,8 +47,6 @@ def _cell(text: str) -> str:
 
 
 def _rows(schema: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    from lcm_dist.config.schema import MODEL_PRESETS
-
     preset_keys = {key for preset in MODEL_PRESETS.values() for key in preset}
     rows = []
 
@@ -73,8 +72,6 @@ def _rows(schema: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def reference_markdown() -> str:
     """The config reference: one table row per key, from the schema's fields."""
-    from lcm_dist.config.schema import config_json_schema
-
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(config_json_schema())]
     lines.append("")
@@ -99,7 +96,10 @@ def readme_block(text: str, source: str = "README.md") -> tuple[int, int]:
 
 def rewrite(path: Path) -> bool:
     """Put the generated reference between the markers of ``path``; True if it changed."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
     begin, end = readme_block(text, str(path))
     lines = text.splitlines(keepends=True)
     new = "".join(lines[:begin]) + reference_markdown() + "".join(lines[end:])
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         changed = rewrite(Path(args.write))
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.write}: config reference {'rewritten' if changed else 'already up to date'}")
