@@ -90,7 +90,7 @@ _TYPE_WORDS = {
 def _describe(error: dict[str, Any], root: type[BaseModel], prefix: tuple[str, ...]) -> str:
     """One pydantic error as a sentence naming the dotted config key."""
     kind, loc, value = error["type"], prefix + tuple(error["loc"]), error.get("input")
-    ctx, path = error.get("ctx") or {}, _dotted(prefix + tuple(error["loc"]))
+    ctx, path = error.get("ctx") or {}, _dotted(loc)
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])  # a check of checks.py: its message names the keys
     if kind == "extra_forbidden":
