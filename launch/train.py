@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 launch/train.py --config configs/demo.json
 
 Override any config key with --set section.key=value (repeatable).
+--print-config-schema prints the JSON Schema of the config file and exits.
 """
 
 from __future__ import annotations
@@ -17,23 +18,34 @@ from lcm_dist.lifecycle import share_cores
 
 share_cores()  # before torch is imported
 
-from lcm_dist.config import add_override_argument, load_config  # noqa: E402
-from lcm_dist.distributed import PeerStopped  # noqa: E402
-from lcm_dist.latents.cache import StoreIOError  # noqa: E402
-from lcm_dist.train.loop import NonFiniteLossError, train  # noqa: E402
+from lcm_dist.config import add_override_argument, load_config, print_config_schema  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="path of the run's JSON config")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="path of the run's JSON config")
+    what.add_argument(
+        "--print-config-schema",
+        action="store_true",
+        help="print the JSON Schema of the config file and exit",
+    )
     add_override_argument(parser)
     # The deepspeed launcher passes --local_rank; the environment carries the same.
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
+    if args.print_config_schema:
+        print_config_schema()
+        return 0
+    # Imported only to train: torch and DeepSpeed take seconds to import.
+    from lcm_dist.distributed import PeerStopped
+    from lcm_dist.latents.cache import StoreIOError
+    from lcm_dist.train.loop import NonFiniteLossError, train
+
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)

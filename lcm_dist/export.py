@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +128,7 @@ def export_run(
         )
     # The default store (empty store.url) lives inside the run folder, wherever it is now.
     store_url = (
-        resolve_url(replace(cfg, run_dir=str(run)))
+        resolve_url(cfg.model_copy(update={"run_dir": str(run)}))
         if not cfg.store.url
         else _locate(state["store_url"], base)
     )
