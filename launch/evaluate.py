@@ -23,7 +23,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lcm_dist.restore.fit import add_fit_arguments
+    from lcm_dist.restore.cli import add_fit_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,15 +70,12 @@ def run(args) -> dict:
     from lcm_dist.config import parse_options
     from lcm_dist.data.shards import make_folder
     from lcm_dist.evaluate.baselines import dip_restore_at
-    from lcm_dist.evaluate.report import load_images, score, write_report
+    from lcm_dist.evaluate.report import score, write_report
+    from lcm_dist.images import load_images
+    from lcm_dist.restore.cli import operator_from_args, restore_from_args, settle_fit_arguments
     from lcm_dist.restore.degrade import DEFAULT_BOX
-    from lcm_dist.restore.fit import (
-        iteration_bar,
-        load_model,
-        operator_from_args,
-        restore_from_args,
-        settle_fit_arguments,
-    )
+    from lcm_dist.restore.fit import iteration_bar
+    from lcm_dist.restore.model import load_model
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}

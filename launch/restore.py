@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from lcm_dist.restore.fit import add_fit_arguments
+    from lcm_dist.restore.cli import add_fit_arguments
 
     add_fit_arguments(parser, task_required=False)
     parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lcm_dist.config import parse_options
         from lcm_dist.data.shards import make_folder
-        from lcm_dist.restore.fit import (
-            load_model,
+        from lcm_dist.images import to_png_bytes
+        from lcm_dist.restore.cli import (
             operator_from_args,
             restore_from_args,
             save_latents,
             settle_fit_arguments,
-            to_png_bytes,
         )
+        from lcm_dist.restore.model import load_model
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):

@@ -11,17 +11,6 @@ import os
 import torch
 
 
-def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
-    """Stack equally sized (B, C, H, W) batches as grid rows: returns (C, H_total, W_total)."""
-    b, c, h, w = rows[0].shape
-    grid = torch.ones(c, len(rows) * (h + pad) + pad, b * (w + pad) + pad)
-    for r, batch in enumerate(rows):
-        for i in range(b):
-            top, left = pad + r * (h + pad), pad + i * (w + pad)
-            grid[:, top : top + h, left : left + w] = batch[i].detach().float().clamp(0, 1).cpu()
-    return grid
-
-
 class NullLogger:
     """Does nothing: what non-logging ranks get."""
 
