@@ -1,0 +1,88 @@
+"""What a person reads: errors after the progress bar, the cause last in a failed run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
+
+
+def broken_shards(tmp_path):
+    from lcm_dist.data.demo import random_crops
+    from lcm_dist.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(random_crops(64, 32, seed=1), shards, 32, 8, progress=False)
+    broken = shards / "shard-000002.tar"
+    broken.write_bytes(broken.read_bytes()[:1600])  # truncated inside an image
+    return shards
+
+
+def test_an_error_is_a_line_of_its_own_after_the_closed_progress_bar(tmp_path):
+    cfg = run_config(
+        tmp_path, broken_shards(tmp_path), train={"max_steps": 40}, log={"progress": True}
+    )
+    proc = run_script("launch/train.py", "--config", str(cfg))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith("error: cannot read shard"), proc.stderr[-3000:]
+    assert "batch/s" in lines[-2]  # the bar, closed: its last state ends the line before
+    assert "\r" not in lines[-1]
+
+
+def test_closing_open_loggers_closes_a_bar_whose_run_never_started(tmp_path):
+    from lcm_dist.train.monitor import RunLogger, close_open_loggers
+
+    log = RunLogger(str(tmp_path), total_steps=10, progress=True)
+    close_open_loggers()
+    assert log.bar is None
+
+
+def test_end_with_error_orders_the_lines_of_a_multi_process_run(tmp_path, monkeypatch, capsys):
+    from lcm_dist import lifecycle
+
+    slept = []
+    monkeypatch.setattr(lifecycle.time, "sleep", slept.append)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert lifecycle.end_with_error("process 0 stopped (its error follows)", cause=False) == 2
+    assert not error_file.exists()
+    assert lifecycle.end_with_error("cannot read shard s") == 2
+    assert slept == [
+        lifecycle.PEER_DELAY_SECONDS,
+        lifecycle.PEER_WAIT_SECONDS,
+        lifecycle.CAUSE_DELAY_SECONDS,
+    ]
+    assert lifecycle.PEER_DELAY_SECONDS < lifecycle.CAUSE_DELAY_SECONDS
+    assert capsys.readouterr().err.splitlines() == [
+        "lcm-dist: process 1 stops too: process 0 stopped (its error follows)",
+        "error: cannot read shard s",
+    ]
+    record = json.loads(error_file.read_text())["message"]
+    assert record["extraInfo"]["py_callstack"] == "error: cannot read shard s"
+
+
+@pytest.mark.dist
+def test_the_cause_of_a_failed_two_process_run_is_what_torchrun_ends_with(tmp_path):
+    cfg = run_config(tmp_path, broken_shards(tmp_path), train={"max_steps": 40})
+    cmd = [
+        *(PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_port", str(free_port()), "launch/train.py", "--config", str(cfg)),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )
+    err = proc.stderr
+    assert proc.returncode != 0
+    cause = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert cause.startswith("error: cannot read shard") and "shard-000002.tar" in cause
+    peer = next(line for line in err.splitlines() if " stops too: " in line)
+    assert "(its error follows)" in peer and err.index(peer) < err.index(cause)
+    root = err[err.index("Root Cause (first observed failure)") :]
+    assert f"traceback : {cause}" in root, err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
