@@ -86,3 +86,67 @@ def test_the_cause_of_a_failed_two_process_run_is_what_torchrun_ends_with(tmp_pa
     root = err[err.index("Root Cause (first observed failure)") :]
     assert f"traceback : {cause}" in root, err[-3000:]
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+
+def test_make_shards_help_and_png_output_say_what_is_required_and_written(tmp_path):
+    from PIL import Image
+
+    usage = run_script("launch/make_shards.py", "--help").stdout.split("\n\n")[0]
+    assert "SOURCE [SOURCE ...] --out FOLDER" in usage and "--verify FOLDER" in usage
+    proc = run_script("launch/make_shards.py", str(tmp_path))
+    assert proc.returncode == 2 and "--out is required (unless --verify" in proc.stderr
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(tmp_path / f"p{i}.png")
+    out = tmp_path / "png"
+    proc = run_script(
+        "launch/make_shards.py",
+        *(str(tmp_path / f"p{i}.png") for i in range(3)),
+        "--png",
+        "--out",
+        str(out),
+        "--image-size",
+        "16",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote 3 PNG files (000000.png ...) and keys.txt to {out}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "keys.txt",
+    ]
+
+
+def test_a_failed_command_removes_the_empty_output_folders_it_made(tmp_path):
+    from lcm_dist.data.shards import output_folder
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for folder in (tmp_path / "new" / "out", kept):
+        with pytest.raises(KeyError), output_folder(folder, "output folder"):
+            assert folder.is_dir()
+            raise KeyError("the command failed")
+    assert not (tmp_path / "new").exists() and kept.is_dir()
+    with pytest.raises(KeyError), output_folder(tmp_path / "written", "output folder") as out:
+        (out / "a.png").write_bytes(b"")
+        raise KeyError("the command failed after writing")
+    assert (tmp_path / "written" / "a.png").exists()
+
+
+def test_evaluate_that_fails_on_its_model_leaves_no_output_folder(tmp_path):
+    out = tmp_path / "eval" / "out"
+    proc = run_script(
+        "launch/evaluate.py",
+        "--model",
+        str(tmp_path / "missing.zarr"),
+        "--task",
+        "inpaint",
+        "--images",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+    assert not (tmp_path / "eval").exists()

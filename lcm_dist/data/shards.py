@@ -20,6 +20,7 @@ last, so an interrupted run never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -27,7 +28,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import fsspec
@@ -244,6 +245,28 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     except OSError as err:
         raise ValueError(f"cannot create the {what} {out}: {_reason(err)}") from None
     return out
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """``make_folder`` for a command's output: if the command then fails, the folders created
+    here that are still empty are removed again (files already written are kept)."""
+    out = Path(path)
+    created = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    make_folder(out, what)
+    try:
+        yield out
+    except BaseException:
+        for folder in created:  # the output folder first, then its new parents
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
 
 
 def write_pngs(

@@ -24,7 +24,11 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
         help="where to fit: cpu, cuda or cuda:N (default: %(default)s, the GPU if there is one)",
     )
     parser.add_argument(
-        "--task", required=task_required, choices=TASKS, help="the degradation to undo"
+        "--task",
+        required=task_required,
+        choices=TASKS,
+        help="the degradation to undo"
+        + ("" if task_required else " (required with images to restore)"),
     )
     parser.add_argument("--mask", help="inpainting mask file (white = hole)")
     parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
