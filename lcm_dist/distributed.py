@@ -12,7 +12,6 @@ and every later allocation land on that device and not all on GPU 0.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import warnings
@@ -44,13 +43,14 @@ def set_verbose(verbose: bool) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Silence DeepSpeed's logger (its level is set when deepspeed is imported) and the Python
-    warnings of torch.distributed and DeepSpeed below ERROR, unless ``set_verbose(True)``."""
+    """DeepSpeed's logger (its level is set when deepspeed is imported) at ERROR and the Python
+    warnings of torch.distributed and DeepSpeed off; with ``set_verbose(True)`` the logger at
+    INFO. A ``log_level`` in the DeepSpeed config still applies from ``deepspeed.initialize``."""
+    from deepspeed.utils.logging import set_log_level_from_string
+
+    set_log_level_from_string("info" if _verbose else "error")  # the logger and its handlers
     if _verbose:
         return
-    from deepspeed.utils.logging import logger
-
-    logger.setLevel(logging.ERROR)
     for module in (r"torch\.distributed", r"deepspeed"):
         warnings.filterwarnings("ignore", module=module)
 

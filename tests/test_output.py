@@ -150,3 +150,24 @@ def test_evaluate_that_fails_on_its_model_leaves_no_output_folder(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
     assert not (tmp_path / "eval").exists()
+
+
+def test_deepspeed_logs_errors_only_unless_verbose(monkeypatch):
+    import logging
+    import warnings
+
+    from deepspeed.utils.logging import logger
+
+    from lcm_dist import distributed
+
+    before = [logger.level, *(h.level for h in logger.handlers)]
+    try:
+        with warnings.catch_warnings():  # the filters it adds stay inside
+            for verbose, level in ((True, logging.INFO), (False, logging.ERROR)):
+                monkeypatch.setattr(distributed, "_verbose", verbose)
+                distributed._quiet_libraries()
+                assert logger.level == level and all(h.level == level for h in logger.handlers)
+    finally:
+        logger.setLevel(before[0])
+        for handler, level in zip(logger.handlers, before[1:], strict=True):
+            handler.setLevel(level)
