@@ -14,8 +14,11 @@ import sys
 
 from lcm_dist.config import add_override_argument, load_config
 from lcm_dist.data.demo import make_demo_shards
+from lcm_dist.distributed import set_verbose
 from lcm_dist.latents.cache import StoreIOError
+from lcm_dist.lifecycle import end_with_error
 from lcm_dist.train.loop import NonFiniteLossError, train
+from lcm_dist.train.monitor import close_open_loggers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how many demo crops to make (default: %(default)s)",
     )
     add_override_argument(parser)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show DeepSpeed's INFO and WARNING lines and torch.distributed's warnings",
+    )
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         made = os.path.exists(os.path.join(cfg.data.shards, "manifest.json"))
@@ -42,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_shards(cfg.data.shards, args.images, cfg.model.image_size, samples_per_shard=64)
         result = train(cfg)
     except (ValueError, NonFiniteLossError, StoreIOError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        close_open_loggers()  # the progress bar ends before the error's line
+        return end_with_error(str(err))
+    finally:
+        close_open_loggers()  # also before the traceback of an unexpected error
     see = f"see the run with: tensorboard --logdir {cfg.run_dir}/tb"
     if not result.step_seconds:  # nothing left to train: the run had already finished
         print(

@@ -23,14 +23,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lcm_dist.restore.fit import add_fit_arguments
+    from lcm_dist.restore.cli import add_fit_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_fit_arguments(parser, task_required=True)
     parser.add_argument("--images", nargs="+", required=True, help="clean images or folders")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="FOLDER",
+        help="output folder (an empty one made by a failed run is removed)",
+    )
     parser.add_argument(
         "--baselines", default="dip,naive", help="comma list of dip, naive (%(default)s)"
     )
@@ -65,20 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> dict:
-    import torch
-
-    from lcm_dist.config import parse_options
-    from lcm_dist.data.shards import make_folder
-    from lcm_dist.evaluate.baselines import dip_restore_at
-    from lcm_dist.evaluate.report import load_images, score, write_report
-    from lcm_dist.restore.degrade import DEFAULT_BOX
-    from lcm_dist.restore.fit import (
-        iteration_bar,
-        load_model,
-        operator_from_args,
-        restore_from_args,
-        settle_fit_arguments,
-    )
+    from lcm_dist.data.shards import output_folder
+    from lcm_dist.restore.cli import settle_fit_arguments
 
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = set(baselines) - {"dip", "naive"}
@@ -95,7 +88,23 @@ def run(args) -> dict:
         raise ValueError(f"--dip-iterations {args.dip_iterations!r}: use N or N,N,...") from None
     if dip_counts[0] < 1:
         raise ValueError(f"--dip-iterations must be at least 1, got {args.dip_iterations}")
-    make_folder(args.out, "output folder")  # before the fits, not after
+    with output_folder(args.out, "output folder"):  # before the fits, not after
+        return _evaluate(args, baselines, dip_counts)
+
+
+def _evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
+    """Degrade, restore with each method, score and write the report into ``args.out``."""
+    import torch
+
+    from lcm_dist.config import parse_options
+    from lcm_dist.evaluate.baselines import dip_restore_at
+    from lcm_dist.evaluate.report import score, write_report
+    from lcm_dist.images import load_images
+    from lcm_dist.restore.cli import operator_from_args, restore_from_args
+    from lcm_dist.restore.degrade import DEFAULT_BOX
+    from lcm_dist.restore.fit import iteration_bar
+    from lcm_dist.restore.model import load_model
+
     model = load_model(
         args.model, parse_options(args.model_options, "--model-options"), args.device
     )

@@ -30,10 +30,23 @@ from lcm_dist.data.shards import (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] SOURCE [SOURCE ...] --out FOLDER\n"
+        "       %(prog)s --verify FOLDER [FOLDER ...]",
     )
-    parser.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--out", help="output folder (must not hold a shard set already)")
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, folders or glob patterns (with --verify alone: finished shard sets)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FOLDER",
+        help="output folder, required unless --verify checks finished sets (must not hold a "
+        "shard set already)",
+    )
     parser.add_argument("--image-size", type=int, default=64, help="side in pixels (%(default)s)")
     parser.add_argument(
         "--samples-per-shard", type=int, default=1000, help="images per shard (%(default)s)"
@@ -68,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         help="encoding of the images inside the shards (default png: lossless; jpg is smaller)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
-    parser.add_argument("--verify", action="store_true", help="check a finished set's checksums")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the checksums of the finished sets given as sources (with --out: of the "
+        "set just written)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{folder}: all shards match the manifest")
             return 0
         if not args.out:
-            parser.error("--out is required")
+            parser.error("--out is required (unless --verify checks finished sets)")
         if args.png and args.format:
             parser.error("--format is for shards; --png always writes PNG files")
         files = [
@@ -96,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             samples = ((path, path) for path in files)
         if args.png:
-            write_pngs(samples, args.out, args.image_size, overwrite=args.overwrite)
+            count = write_pngs(samples, args.out, args.image_size, overwrite=args.overwrite)
+            print(f"wrote {count} PNG files (000000.png ...) and keys.txt to {args.out}")
             return 0
         write_shards(
             samples,

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         help="MB/s of the run folder's filesystem, shared by all processes (%(default)s)",
     )
     step = parser.add_mutually_exclusive_group()
-    step.add_argument("--step-seconds", type=float, help="seconds per batch, all inner steps")
+    step.add_argument(
+        "--step-seconds",
+        type=float,
+        help="seconds per batch, all inner steps (default: estimated from the model's FLOPs "
+        "and the cluster options above)",
+    )
     step.add_argument(
         "--measure",
         action="store_true",

@@ -66,12 +66,20 @@ def _output_names(files: list[str], out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --model MODEL --task TASK [options] IMAGE [IMAGE ...] --out FOLDER\n"
+        "       %(prog)s --model MODEL --reconstruct ROW_OR_KEY [...] --out FOLDER",
     )
-    from lcm_dist.restore.fit import add_fit_arguments
+    from lcm_dist.restore.cli import add_fit_arguments
 
     add_fit_arguments(parser, task_required=False)
-    parser.add_argument("images", nargs="*", help="degraded images, folders or globs")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="degraded images, folders or globs (required unless --reconstruct)",
+    )
     parser.add_argument(
         "--reconstruct",
         nargs="+",
@@ -80,22 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         help="render training images from the export, by row number or key (keys.txt of the "
         "shards); written as rowNNNNNNNN.png",
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="FOLDER",
+        help="output folder (created when there is something to write; an empty one made by a "
+        "failed run is removed)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random masks")
     parser.add_argument("--save-latents", action="store_true", help="also write phi as Zarr")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         from lcm_dist.config import parse_options
-        from lcm_dist.data.shards import make_folder
-        from lcm_dist.restore.fit import (
-            load_model,
-            operator_from_args,
-            restore_from_args,
-            save_latents,
-            settle_fit_arguments,
-            to_png_bytes,
-        )
+        from lcm_dist.data.shards import output_folder
+        from lcm_dist.restore.cli import settle_fit_arguments
+        from lcm_dist.restore.model import load_model
 
         restoring = bool(args.images) or not args.reconstruct
         if restoring and (args.task is None or not args.images):
@@ -104,50 +112,57 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(
             args.model, parse_options(args.model_options, "--model-options"), args.device
         )
-        make_folder(args.out, "output folder")
-        if args.reconstruct:
-            rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))
-            keys = model.group["keys"]
-            for row, image in zip(rows, model.reconstruct(rows), strict=True):
-                path = os.path.join(args.out, f"row{row:08d}.png")
-                with open(path, "wb") as f:
-                    f.write(to_png_bytes(image))
-                if not args.quiet:
-                    print(f"row {row} ({keys[row]}) -> {path}")
-            print(f"reconstructed {len(rows)} training image(s) into {args.out}")
-            if not restoring:
-                return 0
-        size = model.image_size
-        from lcm_dist.data.shards import collect_sources
-
-        count = len(collect_sources(args.images))
-        operator = operator_from_args(args, size, count)
-        y, files = _observations(args.images, operator, size, args.task)
-        names = _output_names(files, args.out)
-        images, phi, seconds = restore_from_args(model, y, operator, args)
-        if args.task == "inpaint" and not args.raw:
-            images = operator.paste(y, images)
-        for name, image in zip(names, images, strict=True):
-            with open(os.path.join(args.out, name), "wb") as f:
-                f.write(to_png_bytes(image))
-        if args.save_latents:
-            save_latents(
-                os.path.join(args.out, "latents.zarr"),
-                phi,
-                names,
-                {
-                    "model": args.model,
-                    "task": args.task,
-                    "iterations": args.iterations,
-                    "optimizer": args.optimizer,
-                    "lr": args.lr,
-                },
-            )
-        print(f"restored {len(files)} image(s) in {seconds:.1f}s into {args.out}")
+        with output_folder(args.out, "output folder"):
+            _write(args, model, restoring)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _write(args, model, restoring: bool) -> None:
+    """Reconstruct and restore into the output folder ``args.out``."""
+    from lcm_dist.data.shards import collect_sources
+    from lcm_dist.images import to_png_bytes
+    from lcm_dist.restore.cli import operator_from_args, restore_from_args, save_latents
+
+    if args.reconstruct:
+        rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))
+        keys = model.group["keys"]
+        for row, image in zip(rows, model.reconstruct(rows), strict=True):
+            path = os.path.join(args.out, f"row{row:08d}.png")
+            with open(path, "wb") as f:
+                f.write(to_png_bytes(image))
+            if not args.quiet:
+                print(f"row {row} ({keys[row]}) -> {path}")
+        print(f"reconstructed {len(rows)} training image(s) into {args.out}")
+        if not restoring:
+            return
+    size = model.image_size
+    count = len(collect_sources(args.images))
+    operator = operator_from_args(args, size, count)
+    y, files = _observations(args.images, operator, size, args.task)
+    names = _output_names(files, args.out)
+    images, phi, seconds = restore_from_args(model, y, operator, args)
+    if args.task == "inpaint" and not args.raw:
+        images = operator.paste(y, images)
+    for name, image in zip(names, images, strict=True):
+        with open(os.path.join(args.out, name), "wb") as f:
+            f.write(to_png_bytes(image))
+    if args.save_latents:
+        save_latents(
+            os.path.join(args.out, "latents.zarr"),
+            phi,
+            names,
+            {
+                "model": args.model,
+                "task": args.task,
+                "iterations": args.iterations,
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+            },
+        )
+    print(f"restored {len(files)} image(s) in {seconds:.1f}s into {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ Override any config key with --set section.key=value (repeatable).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from lcm_dist.lifecycle import share_cores
+from lcm_dist.lifecycle import end_with_error, share_cores
 
 share_cores()  # before torch is imported
 
@@ -33,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         help="print the JSON Schema of the config file and exit",
     )
     add_override_argument(parser)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show DeepSpeed's INFO and WARNING lines and torch.distributed's warnings",
+    )
     # The deepspeed launcher passes --local_rank; the environment carries the same.
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -42,29 +46,33 @@ def main(argv: list[str] | None = None) -> int:
         print_config_schema()
         return 0
     # Imported only to train: torch and DeepSpeed take seconds to import.
-    from lcm_dist.distributed import PeerStopped
+    from lcm_dist.distributed import PeerStopped, set_verbose
     from lcm_dist.latents.cache import StoreIOError
     from lcm_dist.train.loop import NonFiniteLossError, train
+    from lcm_dist.train.monitor import close_open_loggers
 
+    set_verbose(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ValueError, NonFiniteLossError, StoreIOError, PeerStopped) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, NonFiniteLossError, StoreIOError) as err:
+        close_open_loggers()  # the progress bar ends before the error's line
+        return end_with_error(str(err))
+    except PeerStopped as err:
+        close_open_loggers()
+        return end_with_error(str(err), cause=False)
     except RuntimeError as err:
+        close_open_loggers()
         # When one process stops on an error, the others see their connection to it close
         # in the middle of a collective: say that in one line instead of a gloo traceback.
         lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
         if not any(text in str(err) for text in lost):
             raise
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"error: process {rank} stopped because another process of the run stopped "
-            "(its error is above)",
-            file=sys.stderr,
+        return end_with_error(
+            "another process of the run stopped (its error is above or follows)", cause=False
         )
-        return 2
+    finally:
+        close_open_loggers()  # also before the traceback of an unexpected error
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,11 +25,34 @@ T = TypeVar("T")
 
 
 class PeerStopped(RuntimeError):
-    """Another process of the run stopped on an error (which it reports itself)."""
+    """Another process of the run stopped on an error (which it reports itself, last)."""
 
 
 class PortInUseError(ValueError):
     """The rendezvous port of the run is taken."""
+
+
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show DeepSpeed's INFO and WARNING lines and torch.distributed's warnings (off unless
+    asked for: they bury the run's own lines). Call before ``init_distributed``."""
+    global _verbose
+    _verbose = verbose
+
+
+def _quiet_libraries() -> None:
+    """DeepSpeed's logger (its level is set when deepspeed is imported) at ERROR and the Python
+    warnings of torch.distributed and DeepSpeed off; with ``set_verbose(True)`` the logger at
+    INFO. A ``log_level`` in the DeepSpeed config still applies from ``deepspeed.initialize``."""
+    from deepspeed.utils.logging import set_log_level_from_string
+
+    set_log_level_from_string("info" if _verbose else "error")  # the logger and its handlers
+    if _verbose:
+        return
+    for module in (r"torch\.distributed", r"deepspeed"):
+        warnings.filterwarnings("ignore", module=module)
 
 
 def _free_port() -> int:
@@ -56,6 +80,7 @@ def init_distributed() -> None:
         torch.cuda.set_device(device())
     import deepspeed
 
+    _quiet_libraries()
     if not cuda:
         # The shared-memory comm op is JIT-compiled on first use (minutes); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -175,7 +200,7 @@ def together(what: str, fn: Callable[[], T]) -> T:
     if error is not None:
         raise error
     if failed is not None:
-        raise PeerStopped(f"process {failed} of the run stopped while {what} (its error is above)")
+        raise PeerStopped(f"process {failed} of the run stopped while {what} (its error follows)")
     return result  # type: ignore[return-value]
 
 

@@ -11,6 +11,10 @@
   as a crash would (the last commit resumes).
 * Data-loader workers are forked children: they must die with the training process and must
   not react to the stop signals themselves (the training process decides when to stop).
+* Failing. When a process fails, the person at the terminal should read its error last, not
+  the other processes' lines or a launcher's: ``end_with_error`` has the other processes say
+  one short line at once and wait to be stopped by the launcher, while the failing process
+  says its error a moment later, leaves it for torchrun's summary, and exits.
 * The run lock is a POSIX record lock (``fcntl.lockf``): the kernel drops it when the holding
   process dies, and unlike ``flock`` a forked child (a loader worker) does not inherit it, so a
   killed run's orphaned workers cannot keep its folder locked.
@@ -19,6 +23,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -195,3 +200,58 @@ def watch_launchers(interval: float = 0.5) -> list[int]:
 
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
     return watched
+
+
+PEER_DELAY_SECONDS = 0.3
+"""How long a process that stopped for another's error waits before its one line, so that a
+progress bar the failing process draws is closed first."""
+CAUSE_DELAY_SECONDS = 1.0
+"""How long a failing process of a multi-process run waits before printing its error, so that
+the other processes' one-line notes come first."""
+PEER_WAIT_SECONDS = 10.0
+"""How long a process that stopped for another's error waits for the launcher to stop it, so
+that the launcher sees the failing process exit first (and names it as the root cause)."""
+
+
+def end_with_error(message: str, *, cause: bool = True) -> int:
+    """Print this process's last line on stderr, ``error: <message>`` (or, for a process that
+    stops because another failed, ``lcm-dist: process R stops too: <message>``), and return
+    the exit status (2). In a run of several processes (``WORLD_SIZE`` > 1), the process whose
+    error stopped the run (``cause``) prints after ``CAUSE_DELAY_SECONDS`` and writes the
+    message to the error file torchrun reads for its failure summary
+    (``TORCHELASTIC_ERROR_FILE``); the others print after ``PEER_DELAY_SECONDS`` and then wait
+    up to ``PEER_WAIT_SECONDS`` for the launcher, which ends them when the failing process
+    exits."""
+    several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if several and cause:
+        time.sleep(CAUSE_DELAY_SECONDS)
+        _write_launcher_error_file(message)
+    if cause:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        if several:
+            time.sleep(PEER_DELAY_SECONDS)
+        rank = os.environ.get("RANK", "?")
+        print(f"lcm-dist: process {rank} stops too: {message}", file=sys.stderr, flush=True)
+    if several and not cause:
+        time.sleep(PEER_WAIT_SECONDS)
+    return 2
+
+
+def _write_launcher_error_file(message: str) -> None:
+    """The error file of torchelastic's ``record`` format: its summary shows ``py_callstack``
+    as the failure's traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the summary then lacks the message; the error is on stderr all the same

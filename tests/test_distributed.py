@@ -50,7 +50,7 @@ def test_helpers_and_an_error_on_one_process_stopping_both():
     assert one["error"] == "ValueError: cannot open the latent store at s3://x/y: refused"
     assert zero["error"] == (
         "PeerStopped: process 1 of the run stopped while opening the latent store "
-        "(its error is above)"
+        "(its error follows)"
     )
     assert zero["seconds"] < 30  # not a collective timeout (those are minutes)
     for r in (zero, one):

@@ -123,8 +123,9 @@ def test_naive_inpainting_fills():
 
 def test_restoring_an_undegraded_image_reproduces_it(trained_export, demo64_shards):
     from lcm_dist.data.loader import ShardLoader
-    from lcm_dist.evaluate.report import psnr
-    from lcm_dist.restore.fit import fit_phi, load_model
+    from lcm_dist.evaluate.metrics import psnr
+    from lcm_dist.restore.fit import fit_phi
+    from lcm_dist.restore.model import load_model
 
     model = load_model(str(trained_export))
     batch = next(iter(ShardLoader(str(demo64_shards), batch_size=4, num_workers=0, image_size=64)))
@@ -161,7 +162,8 @@ def test_fit_settings_per_task():
 
 
 def test_sgd_inpainting_fits_the_known_pixels(trained_export):
-    from lcm_dist.restore.fit import fit_phi, load_model
+    from lcm_dist.restore.fit import fit_phi
+    from lcm_dist.restore.model import load_model
 
     # The default inpainting fit (plain SGD) lowers every image's data term steadily.
     model = load_model(str(trained_export))
@@ -174,7 +176,7 @@ def test_sgd_inpainting_fits_the_known_pixels(trained_export):
 
 def test_run_folder_as_model_and_bad_rows_are_clear_errors(trained_run, trained_export):
     from lcm_dist.export import ExportError
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     with pytest.raises(ExportError, match="is a training run, not an export; make one with"):
         load_model(str(trained_run))
@@ -189,7 +191,7 @@ def test_each_image_restores_as_if_alone(trained_export):
     # Fitting a batch is fitting each image on its own: an image's output and the gradient of
     # the batch's loss with respect to its phi do not depend on the other images (up to float
     # summation order; Adam then amplifies such rounding, so whole fits are not compared).
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     model = load_model(str(trained_export))
     torch.manual_seed(0)
@@ -247,7 +249,7 @@ def _restore(export, task, *args):
 
 
 def test_restore_cli(tmp_path, trained_export):
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     torch.manual_seed(0)
     _save(torch.rand(3, 3, 64, 64), tmp_path / "in")
@@ -361,7 +363,7 @@ def test_bad_exports_are_refused(tmp_path, trained_export):
     import zarr
 
     from lcm_dist.export import ExportError
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     broken = tmp_path / "broken.zarr"
     shutil.copytree(trained_export, broken)
@@ -482,7 +484,7 @@ def test_damaged_exports_are_refused_with_the_array_named(tmp_path, trained_expo
     from safetensors.numpy import load, save
 
     from lcm_dist.export import ExportError
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     # Generator weights of the wrong shape.
     bad = _copy_export(trained_export, tmp_path / "shape.zarr")
@@ -531,7 +533,7 @@ def test_damaged_exports_are_refused_with_the_array_named(tmp_path, trained_expo
 
 def test_missing_latent_rows_are_an_error(tmp_path, trained_export):
     from lcm_dist.export import ExportError
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
 
     lost = _copy_export(trained_export, tmp_path / "lost.zarr")
     for chunk in (lost / "latents" / "c").rglob("*"):
@@ -591,7 +593,7 @@ def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
 def test_ring_weight_options():
     import argparse
 
-    from lcm_dist.restore.fit import add_fit_arguments, operator_from_args
+    from lcm_dist.restore.cli import add_fit_arguments, operator_from_args
 
     parser = argparse.ArgumentParser()
     add_fit_arguments(parser, task_required=True)
@@ -621,7 +623,7 @@ def test_preview_restores_in_eval_mode_and_puts_the_mode_back():
     from lcm_dist.config import model_from_dict
     from lcm_dist.model.generator import Generator
     from lcm_dist.model.latent_net import BatchedLatentNet
-    from lcm_dist.restore.fit import inpainting_preview
+    from lcm_dist.train.preview import inpainting_preview
 
     model = model_from_dict({"preset": "demo32"})
     gen, net = Generator(model), BatchedLatentNet(model)
@@ -642,7 +644,7 @@ def test_exported_batchnorm_statistics_are_the_trained_ones(trained_run, trained
     checkpoint and the export into the restoring generator."""
     from safetensors.torch import load_file
 
-    from lcm_dist.restore.fit import load_model
+    from lcm_dist.restore.model import load_model
     from lcm_dist.train.checkpoint import find_latest
 
     saved = load_file(str(find_latest(trained_run).folder / "generator.safetensors"))

@@ -16,7 +16,6 @@ import os
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -29,7 +28,7 @@ def synthetic_shards(out: str, num_rows: int, steps: int, seed: int = 0) -> dict
     rank 0 (of 1) read in epoch 0 written for real."""
     from lcm_dist.data.demo import random_crops
     from lcm_dist.data.loader import shards_for_rank
-    from lcm_dist.data.shards import add_sample
+    from lcm_dist.data.shards import add_sample, open_shard
 
     num_shards = -(-num_rows // SAMPLES_PER_SHARD)
     entries = [
@@ -45,7 +44,7 @@ def synthetic_shards(out: str, num_rows: int, steps: int, seed: int = 0) -> dict
     needed = -(-(steps * BATCH + 256) // SAMPLES_PER_SHARD) + 1
     for k in shards_for_rank(num_shards, seed, 0, 0, 1)[:needed]:
         entry = entries[k]
-        with tarfile.open(os.path.join(out, entry["name"]), "w") as tar:
+        with open_shard(os.path.join(out, entry["name"])) as tar:
             crops = random_crops(entry["count"], 32, seed=k)
             for row, (key, image) in enumerate(crops, start=entry["first_row"]):
                 add_sample(tar, row, key, image, "png")

@@ -20,19 +20,23 @@ last, so an interrupted run never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
-import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from webdataset import TarWriter
 
 MANIFEST = "manifest.json"
 KEYS = "keys.txt"
@@ -110,22 +114,20 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # identical inputs give byte-identical shards
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+def open_shard(path: str | os.PathLike) -> TarWriter:
+    """A shard file open for ``add_sample`` (close it when done)."""
+    from webdataset import TarWriter
+
+    # mtime 0: identical inputs give byte-identical shards.
+    return TarWriter(str(path), encoder=False, mtime=0, mode=0o644, user="", group="")
 
 
-def add_sample(
-    tar: tarfile.TarFile, row: int, key: str, image: Image.Image, image_format: str
-) -> str:
+def add_sample(tar: TarWriter, row: int, key: str, image: Image.Image, image_format: str) -> str:
     """Append sample ``row`` (image and {"row", "key"} metadata) to an open shard; returns the
     key as recorded (one line)."""
     key = str(key).replace("\n", " ")
-    _add(tar, f"{row:010d}.{image_format}", _encode(image, image_format))
-    _add(tar, f"{row:010d}.json", json.dumps({"row": row, "key": key}).encode())
+    sample = {"__key__": f"{row:010d}", "json": json.dumps({"row": row, "key": key}).encode()}
+    tar.write({**sample, image_format: _encode(image, image_format)})
     return key
 
 
@@ -175,8 +177,10 @@ def write_shards(
                 if isinstance(image, (str, os.PathLike)):
                     image = load_image(str(image))
                 if tar is None:
+                    # Not webdataset's ShardWriter: it writes under the final names and keeps
+                    # no checksums; a shard here gets its name only once complete and hashed.
                     tmp_path = out / (shard_name(len(shards)) + ".tmp")
-                    tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
+                    tar = open_shard(tmp_path)
                     shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
                 try:
                     image = prepare_image(image, image_size)
@@ -246,6 +250,28 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """``make_folder`` for a command's output: if the command then fails, the folders created
+    here that are still empty are removed again (files already written are kept)."""
+    out = Path(path)
+    created = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    make_folder(out, what)
+    try:
+        yield out
+    except BaseException:
+        for folder in created:  # the output folder first, then its new parents
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
+
+
 def write_pngs(
     samples: Iterable[tuple[str, Image.Image | str]],
     out_dir: str | os.PathLike,
@@ -268,7 +294,7 @@ def write_pngs(
     return len(keys)
 
 
-def _finish_shard(tar: tarfile.TarFile, tmp_path: Path, entry: dict) -> None:
+def _finish_shard(tar: TarWriter, tmp_path: Path, entry: dict) -> None:
     tar.close()
     data = tmp_path.read_bytes()
     entry["sha256"] = hashlib.sha256(data).hexdigest()

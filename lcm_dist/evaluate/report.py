@@ -14,42 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lcm_dist.evaluate.metrics import psnr, ssim
+from lcm_dist.images import image_grid, to_png_bytes
 from lcm_dist.restore.degrade import Degradation, Inpaint
-from lcm_dist.train.monitor import image_grid
 
 METHODS = ("lcm", "dip", "naive")
-
-
-def load_images(paths: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
-    """Image files (or folders of them) as a (N, 3, size, size) batch in [0, 1], each
-    centre-cropped to a square and resized; returns (images, names)."""
-    from lcm_dist.data.shards import collect_sources, load_image, prepare_image
-
-    files = collect_sources(paths)
-    images = [
-        torch.from_numpy(np.array(prepare_image(load_image(f), size))).permute(2, 0, 1)
-        for f in files
-    ]
-    return torch.stack(images).float() / 255.0, [os.path.basename(f) for f in files]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = None) -> float:
-    """PSNR in dB of (C, H, W) images in [0, 1], over the pixels where ``where`` (H, W) holds."""
-    err = (a - b).pow(2)
-    mse = err.mean() if where is None else err[:, where].mean()
-    return float(10 * torch.log10(1.0 / mse.clamp(min=1e-12)))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = None) -> float:
-    """SSIM of (C, H, W) images in [0, 1] (7x7 windows), averaged over the pixels where
-    ``where`` (H, W) holds."""
-    from skimage.metrics import structural_similarity
-
-    x = a.permute(1, 2, 0).double().numpy()
-    y = b.permute(1, 2, 0).double().numpy()
-    _, full = structural_similarity(x, y, channel_axis=2, data_range=1.0, full=True)
-    full = full.mean(axis=2)
-    return float(full.mean() if where is None else full[where.numpy()].mean())
 
 
 def score(clean: torch.Tensor, restored: torch.Tensor, operator: Degradation) -> list[dict]:
@@ -83,8 +52,6 @@ def write_report(
     """Write report.json, grid.png and the grid to TensorBoard; ``results`` maps a method to
     {"images": tensor, "metrics": per-image list, "iterations": n, "seconds": s}."""
     from torch.utils.tensorboard import SummaryWriter
-
-    from lcm_dist.restore.fit import to_png_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,9 @@ import torch
 
 from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig
-from lcm_dist.restore.fit import inpainting_preview
+from lcm_dist.images import image_grid
 from lcm_dist.train import checkpoint
-from lcm_dist.train.monitor import image_grid
+from lcm_dist.train.preview import inpainting_preview
 from lcm_dist.train.step import NonFiniteLossError, Stepped
 from lcm_dist.train.trainer import Trainer
 
@@ -101,7 +101,7 @@ def _train(cfg: RunConfig, stop: lifecycle.StopSignals) -> TrainResult:
     # Held-back images for the restoration preview (rank 0 only; up to 8).
     held_back = None
     if cfg.log.restore_every_steps and distributed.is_main():
-        from lcm_dist.evaluate.report import load_images
+        from lcm_dist.images import load_images
 
         held_back = load_images([cfg.log.restore_images], cfg.model.image_size)[0][:8]
 

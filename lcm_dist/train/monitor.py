@@ -7,19 +7,19 @@ training loop never branches on the rank to log.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
+_open_loggers: weakref.WeakSet = weakref.WeakSet()
 
-def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
-    """Stack equally sized (B, C, H, W) batches as grid rows: returns (C, H_total, W_total)."""
-    b, c, h, w = rows[0].shape
-    grid = torch.ones(c, len(rows) * (h + pad) + pad, b * (w + pad) + pad)
-    for r, batch in enumerate(rows):
-        for i in range(b):
-            top, left = pad + r * (h + pad), pad + i * (w + pad)
-            grid[:, top : top + h, left : left + w] = batch[i].detach().float().clamp(0, 1).cpu()
-    return grid
+
+def close_open_loggers() -> None:
+    """Close every run logger still open in this process (its progress bar ends on its own
+    line and is not drawn again), so that an error printed next stands on a line of its own;
+    also when the run failed while it was being set up, before anything could close them."""
+    for log in list(_open_loggers):
+        log.close()
 
 
 class NullLogger:
@@ -64,6 +64,7 @@ class RunLogger(NullLogger):
                 total=total_steps, initial=initial_step, unit="batch", dynamic_ncols=True
             )
         self._last = initial_step
+        _open_loggers.add(self)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -92,6 +93,7 @@ class RunLogger(NullLogger):
             print(text, flush=True)
 
     def close(self) -> None:
+        _open_loggers.discard(self)
         if self.bar is not None:
             self.bar.close()
             self.bar = None

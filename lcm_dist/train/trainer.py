@@ -163,7 +163,7 @@ class Trainer:
             )
         if failed is not None:
             raise distributed.PeerStopped(
-                f"process {failed} of the run stopped at step {step} (its error is above)"
+                f"process {failed} of the run stopped at step {step} (its error follows)"
             )
         self.clock.add_host("write_back", time.perf_counter() - start)
         if self.trace is not None:

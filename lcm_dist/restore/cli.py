@@ -1,0 +1,156 @@
+"""The command-line side of restoration, shared by launch/restore.py and launch/evaluate.py:
+the export, task, degradation and fit options, and writing fitted latents."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lcm_dist.restore.degrade import Degradation
+from lcm_dist.restore.fit import DEFAULT_ITERATIONS, OPTIMIZERS, fit_settings, restore
+from lcm_dist.restore.model import RestorationModel, default_device
+
+
+def add_fit_arguments(parser, *, task_required: bool) -> None:
+    """The command-line options restore.py and evaluate.py share: the export, the task and its
+    degradation, and the phi fit."""
+    from lcm_dist.restore.degrade import TASKS
+
+    parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
+    parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
+    parser.add_argument(
+        "--device",
+        default=default_device(),
+        help="where to fit: cpu, cuda or cuda:N (default: %(default)s, the GPU if there is one)",
+    )
+    parser.add_argument(
+        "--task",
+        required=task_required,
+        choices=TASKS,
+        help="the degradation to undo"
+        + ("" if task_required else " (required with images to restore)"),
+    )
+    parser.add_argument("--mask", help="inpainting mask file (white = hole)")
+    parser.add_argument("--box", type=float, help="centred square hole, fraction of the side")
+    parser.add_argument(
+        "--random-boxes", type=int, default=0, metavar="N", help="N random rectangular holes"
+    )
+    parser.add_argument(
+        "--random-pixels",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="a fraction F of pixels missing",
+    )
+    parser.add_argument(
+        "--ring-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="inpainting: weight of the MSE term on the observed pixels near a hole (the authors "
+        "use 5; %(default)s)",
+    )
+    parser.add_argument(
+        "--ring-width",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="inpainting: how far from a hole --ring-weight applies, in pixels (the authors use "
+        "5; %(default)s)",
+    )
+    parser.add_argument(
+        "--factor", type=int, default=4, help="super-resolution factor 2, 4 or 8 (%(default)s)"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help="iterations of the phi fit (and of DIP, in evaluate.py) (%(default)s)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optimizer on phi (default: sgd for inpaint, adam otherwise)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate on phi (default: sgd 0.5 for inpaint, 0.25 otherwise; adam 0.01)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images fitted at once (%(default)s)"
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="inpainting: keep the whole generated image (default: observed pixels put back)",
+    )
+
+
+def settle_fit_arguments(args, restoring: bool = True) -> None:
+    """Check the ``add_fit_arguments`` options and, when restoring, fill in the task's default
+    optimizer and learning rate (``fit_settings``) in ``args``."""
+    if args.iterations < 1 or args.batch_size < 1:
+        raise ValueError(
+            f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
+            f"{args.batch_size}"
+        )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"--device {args.device}: this machine has {torch.cuda.device_count()} usable CUDA "
+            "device(s); use cpu"
+        )
+    if restoring:
+        args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
+
+
+def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
+    """The degradation of ``count`` images of ``size`` pixels that the options of
+    ``add_fit_arguments`` describe (``extra``: further ``make_operator`` arguments)."""
+    from lcm_dist.restore.degrade import make_operator
+
+    return make_operator(
+        args.task,
+        size,
+        count,
+        mask=args.mask,
+        box=args.box,
+        random_boxes=args.random_boxes,
+        random_pixels=args.random_pixels,
+        factor=args.factor,
+        seed=args.seed,
+        ring_weight=args.ring_weight,
+        ring_width=args.ring_width,
+        **extra,
+    )
+
+
+def restore_from_args(model: RestorationModel, observed: torch.Tensor, operator: Degradation, args):
+    """``restore`` with the fit options of ``add_fit_arguments`` (and the CLIs' ``--quiet``)."""
+    return restore(
+        model,
+        observed,
+        operator,
+        iterations=args.iterations,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+
+
+def save_latents(path: str, phi: torch.Tensor, names: list[str], attrs: dict) -> None:
+    """Fitted phi rows as a Zarr v3 group (array ``latents``, names in the attributes)."""
+    import zarr
+
+    group = zarr.open_group(path, mode="w")
+    group.create_array("latents", data=phi.numpy().astype(np.float32))
+    group.attrs.update({"names": names, **attrs})
