@@ -1,23 +1,23 @@
-"""Shared fixtures: tiny shard sets built from scikit-image's bundled photos."""
+"""Shared fixtures: tiny shard sets built from scikit-image's bundled photos, a local S3
+server, one small trained run and its export, and the launch scripts run in-process."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+# One thread per process, in this process and (through the environment) in the subprocesses
+# as before: the suite runs beside other processes on few cores, where a second OpenMP thread
+# that waits for a busy core makes each step many times slower. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import REPO, Completed, call_main, free_port, run_config, run_script  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch came in earlier
 
 
 @pytest.fixture(scope="session")
@@ -40,46 +40,6 @@ def demo64_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards64")
     write_shards(random_crops(64, 64, seed=1), out, 64, 8, progress=False)
     return out
-
-
-def run_config(tmp_path: Path, shards: Path, **sections) -> Path:
-    """Write a small CPU run config; keyword arguments update whole sections' keys."""
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"preset": "demo32"},
-        "data": {"shards": str(shards), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8},
-        "train": {"max_steps": 3, "inner_steps": 2},
-        "log": {"every_steps": 1, "image_every_steps": 2, "progress": False},
-        "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
-PYTHON = sys.executable
-
-
-def run_script(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path = REPO):
-    """Run ``python <args>`` from ``cwd`` (the repository root), capturing its output."""
-    return subprocess.run(
-        [PYTHON, *args],
-        cwd=cwd,
-        env={**subprocess_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -119,10 +79,12 @@ def faulty_s3(s3_server):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, demo64_shards):
-    """A finished 16-step run of the ``demo64`` model (one epoch: every row trained) with a
-    checkpoint at step 8. Not ``demo32``: its generator's 1x1 bottleneck cannot train phi (a
-    batch of fresh latents, all equal, has zero BatchNorm variance there)."""
-    tmp = tmp_path_factory.mktemp("export-run")
+    """The suite's one trained run, for every test that only reads a run's outputs: 16 steps
+    of the ``demo64`` model (one epoch: every row trained) with a checkpoint at step 8, loss
+    logged every 4 steps and reconstructions every 8, trained by ``python launch/train.py`` as
+    a user runs it. Not ``demo32``: its generator's 1x1 bottleneck cannot train phi (a batch of
+    fresh latents, all equal, has zero BatchNorm variance there). Tests must not change it."""
+    tmp = tmp_path_factory.mktemp("trained-run")
     cfg_path = run_config(
         tmp,
         demo64_shards,
@@ -130,7 +92,7 @@ def trained_run(tmp_path_factory, demo64_shards):
         train={"max_steps": 16, "inner_steps": 4},
         store={"rows_per_chunk": 8},
         checkpoint={"every_steps": 8},
-        log={"every_steps": 8, "image_every_steps": 0},
+        log={"every_steps": 4, "image_every_steps": 8},
     )
     proc = run_script("launch/train.py", "--config", str(cfg_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,3 +107,17 @@ def trained_export(tmp_path_factory, trained_run) -> Path:
     out = tmp_path_factory.mktemp("export") / "model.zarr"
     export_run(trained_run, str(out), progress=False)
     return out
+
+
+@pytest.fixture
+def cli(capfd):
+    """``cli("train", "--config", path)``: ``launch/train.py``'s ``main`` run in this process;
+    returns its exit status and what it printed, as ``subprocess.run`` would."""
+
+    def call(script: str, *argv, env: dict | None = None, cwd: Path = REPO) -> Completed:
+        capfd.readouterr()
+        code = call_main(script, list(argv), env, cwd)
+        out, err = capfd.readouterr()
+        return Completed(code, out, err)
+
+    return call

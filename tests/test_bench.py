@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import load_script, process_state
 
 
 def test_json_output_is_only_the_json_object(monkeypatch, capfd):
@@ -20,9 +19,7 @@ def test_json_output_is_only_the_json_object(monkeypatch, capfd):
         return {"ratio": 1.5}
 
     monkeypatch.setitem(benchmarks.BENCHMARKS, "noisy", noisy)
-    spec = importlib.util.spec_from_file_location("bench", REPO / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
 
     assert bench.main(["noisy", "--json"]) == 0
     out, err = capfd.readouterr()
@@ -34,16 +31,14 @@ def test_json_output_is_only_the_json_object(monkeypatch, capfd):
     assert "ratio  1.5" in out
 
 
-def test_step_benchmark_compares_the_trainer_with_a_bare_loop_locally_and_on_s3():
-    from tests.conftest import run_script
+def test_step_benchmark_compares_the_trainer_with_a_bare_loop_locally_and_on_s3(monkeypatch):
+    from lcm_dist.benchmarks import step
 
-    code = (
-        "import json; from lcm_dist.benchmarks import step; step.WARMUP, step.PAIRS = 1, 2; "
-        "print(json.dumps(step.bench_step(images=64, presets=('demo32',), inner=(1,))))"
-    )
-    proc = run_script("-c", code)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    monkeypatch.setattr(step, "WARMUP", 1)
+    monkeypatch.setattr(step, "PAIRS", 2)
+    with process_state():
+        result = step.bench_step(images=64, presets=("demo32",), inner=(1,))
+    json.dumps(result)  # what --json prints: it must be JSON
     assert set(result["cases"]) == {"demo32_inner1_local", "demo32_inner1_s3"}
     for case in result["cases"].values():
         assert case["trainer_ms"] > 0 and case["bare_ms"] > 0

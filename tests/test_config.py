@@ -18,7 +18,7 @@ from lcm_dist.config import (
     write_resolved_config,
 )
 from lcm_dist.config.deepspeed_keys import INITIALIZE_KEYS, SECTION_KEYS, TOP_LEVEL_KEYS
-from tests.conftest import REPO, run_script
+from tests.helpers import REPO, run_script
 
 BASE = {
     "run_dir": "runs/x",

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lcm_dist import distributed, lifecycle
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def _worker(rank: int, port: int, results) -> None:

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PYTHON, REPO, run_config, run_script, subprocess_env
-
-_run = run_script
-
+from tests.helpers import PYTHON, run_config, subprocess_env
 
 READER = textwrap.dedent(
     """
@@ -76,7 +73,7 @@ def committed_state(run_dir):
     return commit, rows, load_file(str(commit.folder / "generator.safetensors"))
 
 
-def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, demo64_shards):
+def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, demo64_shards, cli):
     from lcm_dist.config import model_from_dict
     from lcm_dist.data.loader import ShardLoader
     from lcm_dist.data.shards import load_keys
@@ -85,7 +82,7 @@ def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, dem
     from lcm_dist.model.loss import lcm_loss
 
     out = tmp_path / "model.zarr"
-    proc = _run("launch/export.py", "--run", str(trained_run), "--out", str(out), "--quiet")
+    proc = cli("export", "--run", str(trained_run), "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported 64 latents (step 16" in proc.stdout
 
@@ -125,11 +122,11 @@ def test_export_is_read_by_plain_zarr_and_safetensors(tmp_path, trained_run, dem
     assert loss["trained"] < 0.97 * min(loss["initial"], loss["other image's"]), loss
 
 
-def test_export_to_object_storage(tmp_path, trained_run, s3_server):
+def test_export_to_object_storage(tmp_path, trained_run, s3_server, cli):
     prefix, options = s3_server
     url = f"{prefix}/exports/model.zarr"
-    proc = _run(
-        "launch/export.py",
+    proc = cli(
+        "export",
         "--run",
         str(trained_run),
         "--out",
@@ -145,8 +142,8 @@ def test_export_to_object_storage(tmp_path, trained_run, s3_server):
     np.testing.assert_array_equal(data["gen.out.weight"], weights["out.weight"].numpy())
 
     # An existing export is never overwritten by accident.
-    proc = _run(
-        "launch/export.py",
+    proc = cli(
+        "export",
         "--run",
         str(trained_run),
         "--out",
@@ -190,8 +187,8 @@ def test_open_export_refuses_incomplete_and_foreign(tmp_path, trained_run):
     assert str(err.value) == f"cannot create the export at {bad}: not a directory"
 
 
-def test_export_errors(tmp_path, demo_shards):
-    proc = _run("launch/export.py", "--run", str(tmp_path / "nothing"), "--out", "x.zarr")
+def test_export_errors(tmp_path, demo_shards, cli):
+    proc = cli("export", "--run", str(tmp_path / "nothing"), "--out", "x.zarr")
     assert proc.returncode == 2
     assert "is not a run directory" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -202,13 +199,15 @@ def test_export_errors(tmp_path, demo_shards):
     from lcm_dist.config import load_config, write_resolved_config
 
     write_resolved_config(load_config(cfg_path), run)
-    proc = _run("launch/export.py", "--run", str(run), "--out", str(tmp_path / "x.zarr"))
+    proc = cli("export", "--run", str(run), "--out", str(tmp_path / "x.zarr"))
     assert proc.returncode == 2
     assert "has no committed checkpoint to export yet" in proc.stderr
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_shards, monkeypatch):
+def test_export_finds_a_runs_relative_paths_from_any_directory(
+    tmp_path, demo_shards, monkeypatch, cli
+):
     # A run configured with relative paths (as users write them) trains from its project
     # folder; exporting it from elsewhere still finds its shards and latent store.
     import shutil
@@ -221,7 +220,7 @@ def test_export_finds_a_runs_relative_paths_from_any_directory(tmp_path, demo_sh
     cfg["run_dir"] = "runs/r"
     cfg["data"]["shards"] = "data/shards"
     (project / "config.json").write_text(json.dumps(cfg))
-    proc = _run(str(REPO / "launch" / "train.py"), "--config", "config.json", cwd=project)
+    proc = cli("train", "--config", "config.json", cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (project / "runs" / "r" / "latents.zarr").is_dir()
     attrs = export_run(project / "runs" / "r", str(tmp_path / "out.zarr"), progress=False)

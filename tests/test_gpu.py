@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_config, run_script
-from tests.test_resume import final_state, resume_config, run
+from tests.helpers import final_state, resume_config, run, run_config, run_script
 
 pytestmark = [
     pytest.mark.gpu,

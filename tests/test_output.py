@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
+from tests.helpers import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
 
 
 def broken_shards(tmp_path):
@@ -67,6 +67,7 @@ def test_end_with_error_orders_the_lines_of_a_multi_process_run(tmp_path, monkey
     assert record["extraInfo"]["py_callstack"] == "error: cannot read shard s"
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_the_cause_of_a_failed_two_process_run_is_what_torchrun_ends_with(tmp_path):
     cfg = run_config(tmp_path, broken_shards(tmp_path), train={"max_steps": 40})

@@ -16,7 +16,7 @@ from lcm_dist.data.shards import write_shards
 from lcm_dist.latents.cache import StoreIOError, WriteBackCache
 from lcm_dist.latents.store import LatentStore
 from lcm_dist.latents.table import InMemoryLatentTable
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 P = 5
 ROWS_PER_CHUNK = 4
@@ -229,6 +229,7 @@ def _rank_main(rank, world, port, shards, url, out):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_two_ranks_disjoint_chunks_every_row_once_per_epoch(tmp_path, shards):
     url = str(tmp_path / "s.zarr")
     mp.spawn(_rank_main, args=(2, free_port(), shards, url, str(tmp_path)), nprocs=2)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -20,9 +18,7 @@ from lcm_dist.restore.degrade import (
     random_boxes_mask,
     random_pixels_mask,
 )
-from tests.conftest import run_script
-
-_run = run_script
+from tests.helpers import save_images
 
 
 def test_inpaint_hole_pixels_never_influence_the_loss():
@@ -210,50 +206,18 @@ def test_each_image_restores_as_if_alone(trained_export):
     torch.testing.assert_close(phi.grad[1:2], one.grad, atol=1e-5 * scale, rtol=0)
 
 
-def test_dip_fits_its_observation():
-    from lcm_dist.evaluate.baselines import SkipNet, dip_restore
-
-    net = SkipNet(8, 3, (16, 16, 16))
-    assert net(torch.rand(1, 8, 32, 32)).shape == (1, 3, 32, 32)
-    torch.manual_seed(0)
-    clean = torch.rand(1, 3, 1, 1).expand(1, 3, 32, 32).contiguous()  # a flat colour
-    out, _ = dip_restore(clean, Degradation(), 32, iterations=60, channels=(16, 16, 16))
-    assert float((out - clean).pow(2).mean()) < 1e-3
-
-
-def test_dip_read_out_during_a_longer_fit_is_the_shorter_fit():
-    from lcm_dist.evaluate.baselines import dip_restore, dip_restore_at
-    from lcm_dist.restore.degrade import make_operator
-
-    torch.manual_seed(0)
-    clean = torch.rand(2, 3, 32, 32)
-    op = make_operator("superres", 32, 2, factor=4)
-    y = op(clean)
-    fits = dip_restore_at(y, op, 32, [3, 7], channels=(8, 8, 8), seed=5)
-    assert sorted(fits) == [3, 7] and fits[7][1] >= fits[3][1] > 0
-    for n in (3, 7):
-        alone, _ = dip_restore(y, op, 32, iterations=n, channels=(8, 8, 8), seed=5)
-        torch.testing.assert_close(fits[n][0], alone, atol=0, rtol=0)
-
-
-def _save(images, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(arr.squeeze()).save(folder / f"img{i}.png")
-
-
-def _restore(export, task, *args):
+def _restore(cli, export, task, *args):
     """launch/restore.py on ``export`` for ``task`` with further arguments."""
-    return _run("launch/restore.py", "--model", str(export), "--task", task, *args)
+    return cli("restore", "--model", str(export), "--task", task, *args)
 
 
-def test_restore_cli(tmp_path, trained_export):
+def test_restore_cli(tmp_path, trained_export, cli):
     from lcm_dist.restore.model import load_model
 
     torch.manual_seed(0)
-    _save(torch.rand(3, 3, 64, 64), tmp_path / "in")
+    save_images(torch.rand(3, 3, 64, 64), tmp_path / "in")
     proc = _restore(
+        cli,
         trained_export,
         "inpaint",
         str(tmp_path / "in"),
@@ -279,6 +243,7 @@ def test_restore_cli(tmp_path, trained_export):
     assert np.abs(restored - given)[known].max() <= 1
     assert np.abs(restored - given)[~known].mean() > 10
     proc = _restore(
+        cli,
         trained_export,
         "inpaint",
         str(tmp_path / "in" / "img0.png"),
@@ -297,8 +262,9 @@ def test_restore_cli(tmp_path, trained_export):
     assert (saved.attrs["optimizer"], saved.attrs["lr"]) == ("sgd", 0.5)
 
     # Super-resolution takes images of the model's size / factor.
-    _save(torch.rand(2, 3, 16, 16), tmp_path / "small")
+    save_images(torch.rand(2, 3, 16, 16), tmp_path / "small")
     proc = _restore(
+        cli,
         trained_export,
         "superres",
         str(tmp_path / "small"),
@@ -315,6 +281,7 @@ def test_restore_cli(tmp_path, trained_export):
 
     # Wrong sizes are clear errors.
     proc = _restore(
+        cli,
         trained_export,
         "colorize",
         str(tmp_path / "small"),
@@ -326,6 +293,7 @@ def test_restore_cli(tmp_path, trained_export):
     assert "img0.png is 16x16 but this model restores 64x64 images" in proc.stderr
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "mask.png")
     proc = _restore(
+        cli,
         trained_export,
         "inpaint",
         str(tmp_path / "in"),
@@ -340,8 +308,8 @@ def test_restore_cli(tmp_path, trained_export):
     # Training images by row or key, from the exported latents.
     model = load_model(str(trained_export))
     key = list(model.group["keys"][:])[5]
-    proc = _run(
-        "launch/restore.py",
+    proc = cli(
+        "restore",
         "--model",
         str(trained_export),
         "--reconstruct",
@@ -357,7 +325,7 @@ def test_restore_cli(tmp_path, trained_export):
     assert (tmp_path / "rec" / "row00000003.png").exists()
 
 
-def test_bad_exports_are_refused(tmp_path, trained_export):
+def test_bad_exports_are_refused(tmp_path, trained_export, cli):
     import shutil
 
     import zarr
@@ -372,8 +340,8 @@ def test_bad_exports_are_refused(tmp_path, trained_export):
         load_model(str(broken))
     group = zarr.open_group(str(broken), mode="r+")
     group.attrs["version"] = 2
-    proc = _run(
-        "launch/restore.py",
+    proc = cli(
+        "restore",
         "--model",
         str(broken),
         "--reconstruct",
@@ -383,92 +351,6 @@ def test_bad_exports_are_refused(tmp_path, trained_export):
     )
     assert proc.returncode == 2
     assert "has format version 2; this lcm-dist reads version 1" in proc.stderr
-
-
-def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards):
-    torch.manual_seed(0)
-    _save(torch.rand(2, 3, 40, 48), tmp_path / "clean")  # any size: centre-cropped, resized
-    proc = _run(
-        "launch/evaluate.py",
-        "--model",
-        str(trained_export),
-        "--task",
-        "inpaint",
-        "--images",
-        str(tmp_path / "clean"),
-        "--out",
-        str(tmp_path / "ev"),
-        "--iterations",
-        "4",
-        "--quiet",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert set(report["mean"]) == {"lcm", "dip", "naive"}
-    for method in report["mean"].values():
-        assert {"psnr", "ssim", "psnr_hole", "ssim_hole"} <= set(method)
-        assert all(np.isfinite(list(method.values())))
-    assert report["methods"]["lcm"]["iterations"] == report["methods"]["dip"]["iterations"] == 4
-    assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("sgd", 0.5)
-    assert report["settings"]["box"] == 0.5 and report["settings"]["factor"] is None
-    assert len(report["images"]) == 2 and "lcm" in report["images"][0]
-    # Scored with the observed pixels put back (as restore.py writes them): the whole image's
-    # error is the hole's, spread over 4 times the pixels (a 32x32 hole in 64x64).
-    assert report["settings"]["raw"] is False
-    for image in report["images"]:
-        for method in ("lcm", "dip", "naive"):
-            m = image[method]
-            assert m["psnr"] == pytest.approx(m["psnr_hole"] + 10 * np.log10(4), abs=1e-3)
-    grid = Image.open(tmp_path / "ev" / "grid.png")
-    # 5 labelled columns, 2 rows, the 64x64 images enlarged 2x, 2 px apart, a 16 px header.
-    assert grid.size == (5 * 130 + 2, 2 * 130 + 2 + 16)
-    assert list((tmp_path / "ev" / "tb").glob("events.*"))
-    assert "lcm" in proc.stdout and "dip" in proc.stdout
-
-    proc = _run(
-        "launch/evaluate.py",
-        "--model",
-        str(trained_export),
-        "--task",
-        "superres",
-        "--images",
-        str(tmp_path / "clean"),
-        "--out",
-        str(tmp_path / "ev2"),
-        "--iterations",
-        "2",
-        "--baselines",
-        "naive",
-        "--quiet",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "ev2" / "report.json").read_text())
-    assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
-    assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("adam", 0.01)
-
-    # DIP alone, read out after 1 and 3 iterations of one fit per image.
-    proc = _run(
-        "launch/evaluate.py",
-        "--model",
-        str(trained_export),
-        "--task",
-        "colorize",
-        "--images",
-        str(tmp_path / "clean"),
-        "--out",
-        str(tmp_path / "ev3"),
-        "--no-lcm",
-        "--baselines",
-        "dip",
-        "--dip-iterations",
-        "3,1",
-        "--quiet",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "ev3" / "report.json").read_text())
-    assert list(report["mean"]) == ["dip@1", "dip@3"]
-    assert [report["methods"][m]["iterations"] for m in report["mean"]] == [1, 3]
-    assert report["settings"]["dip_iterations"] == [1, 3]
 
 
 def _copy_export(trained_export, to):
@@ -544,13 +426,13 @@ def test_missing_latent_rows_are_an_error(tmp_path, trained_export):
         model.reconstruct([0])
 
 
-def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
+def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export, cli):
     torch.manual_seed(0)
-    _save(torch.rand(1, 3, 64, 64), tmp_path / "a")
-    _save(torch.rand(1, 3, 64, 64), tmp_path / "b")
+    save_images(torch.rand(1, 3, 64, 64), tmp_path / "a")
+    save_images(torch.rand(1, 3, 64, 64), tmp_path / "b")
     common = ["--model", str(trained_export), "--task", "inpaint", "--quiet"]
-    proc = _run(
-        "launch/restore.py",
+    proc = cli(
+        "restore",
         *common,
         str(tmp_path / "a"),
         str(tmp_path / "b"),
@@ -559,10 +441,10 @@ def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
     )
     assert proc.returncode == 2
     assert "would both be restored to img0.png" in proc.stderr
-    proc = _run("launch/restore.py", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a"))
+    proc = cli("restore", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a"))
     assert proc.returncode == 2 and "would overwrite it" in proc.stderr
-    proc = _run(
-        "launch/restore.py",
+    proc = cli(
+        "restore",
         *common,
         str(tmp_path / "a"),
         "--out",
@@ -573,13 +455,11 @@ def test_restore_cli_refuses_clashing_outputs(tmp_path, trained_export):
     assert proc.returncode == 2 and "--model-options must be a JSON object" in proc.stderr
     # An output folder that cannot exist is named before any fitting (evaluate.py too).
     (tmp_path / "a-file").write_text("")
-    proc = _run(
-        "launch/restore.py", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a-file")
-    )
+    proc = cli("restore", *common, str(tmp_path / "a"), "--out", str(tmp_path / "a-file"))
     assert proc.returncode == 2
     assert f"error: the output folder {tmp_path / 'a-file'} is a file, not a folder" in proc.stderr
-    proc = _run(
-        "launch/evaluate.py",
+    proc = cli(
+        "evaluate",
         *common,
         "--images",
         str(tmp_path / "a"),

@@ -2,92 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import signal
-import subprocess
 import time
 
 import pytest
-import torch
 
-from lcm_dist.latents.store import LatentStore
 from lcm_dist.train.checkpoint import find_latest
-from tests.conftest import PYTHON, REPO, free_port, run_config, subprocess_env
-
-STEPS = 40  # 64 images in batches of 4: 16 steps per epoch, so 2.5 epochs
-
-
-def resume_config(tmp_path, shards, name, **sections):
-    base = dict(
-        train={"max_steps": STEPS, "inner_steps": 2, "deterministic": True},
-        store={"rows_per_chunk": 4, "url": str(tmp_path / name / "latents.zarr")},
-        checkpoint={"every_steps": 6, "keep_latest": 2},
-        log={"every_steps": 4, "image_every_steps": 0, "progress": False},
-    )
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    folder = tmp_path / name
-    folder.mkdir()
-    path = run_config(folder, shards, **base)
-    return path
-
-
-def launch(cfg_path, launcher=None, env=None, **kw):
-    cmd = list(launcher or [PYTHON]) + ["launch/train.py", "--config", str(cfg_path)]
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**subprocess_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # so a kill takes the whole process group, like a lost node
-        **kw,
-    )
-
-
-def run(cfg_path, launcher=None, env=None, timeout=600):
-    proc = launch(cfg_path, launcher, env)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def train_more(cfg_path, *sets, launcher=None, env=None):
-    """launch/train.py on ``cfg_path`` with ``--set`` overrides, run to the end."""
-    args = [x for kv in sets for x in ("--set", kv)]
-    return subprocess.run(
-        list(launcher or [PYTHON]) + ["launch/train.py", "--config", str(cfg_path), *args],
-        cwd=REPO,
-        env={**subprocess_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def final_state(cfg_path):
-    """Generator weights and all latent rows of the run's newest commit."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads(cfg_path.read_text())
-    commit = find_latest(cfg["run_dir"])
-    assert commit.state["step"] == STEPS
-    store = LatentStore.open(cfg["store"]["url"])
-    store.restore_slots(commit.slots)
-    rows = torch.from_numpy(store.read_rows(range(store.num_rows)))
-    return load_file(str(commit.folder / "generator.safetensors")), rows
-
-
-def assert_same_state(a, b):
-    gen_a, rows_a = a
-    gen_b, rows_b = b
-    assert gen_a.keys() == gen_b.keys()
-    for name in gen_a:
-        assert torch.equal(gen_a[name], gen_b[name]), f"generator weight {name} differs"
-    assert torch.equal(rows_a, rows_b), "latent rows differ"
+from tests.helpers import (
+    PYTHON,
+    STEPS,
+    assert_same_state,
+    final_state,
+    free_port,
+    launch,
+    read_scalars,
+    resume_config,
+    run,
+    train_more,
+)
 
 
 @pytest.mark.slow
@@ -150,14 +85,11 @@ def test_sigkill_under_the_deepspeed_launcher_resumes_exactly(tmp_path, demo_sha
 
 
 def _losses(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss/total")}
+    return {e.step: e.value for e in read_scalars(run_dir).Scalars("loss/total")}
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_elastic_resume_changes_world_size_and_keeps_learning(tmp_path, demo_shards, first, second):
     def launcher(n):
@@ -189,21 +121,26 @@ def test_elastic_resume_changes_world_size_and_keeps_learning(tmp_path, demo_sha
     assert after[48] < after[32] or after[40] < before[24], (before, after)
 
 
-def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo_shards):
+def train_in_process(cli, cfg_path, *sets, env=None):
+    """launch/train.py's main on ``cfg_path`` with ``--set`` overrides, in this process."""
+    return cli("train", "--config", cfg_path, *[x for kv in sets for x in ("--set", kv)], env=env)
+
+
+def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo_shards, cli):
     cfg = resume_config(tmp_path, demo_shards, "bad", train={"max_steps": 12})
-    code, out = run(cfg)
-    assert code == 0, out[-3000:]
+    proc = train_in_process(cli, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "bad" / "run"
     pointer = (run_dir / "latest.json").read_text()
 
     # A config whose model differs from the checkpoint's.
-    proc = train_more(cfg, "train.max_steps=18", "model.gen_head_widths=[16,4]")
+    proc = train_in_process(cli, cfg, "train.max_steps=18", "model.gen_head_widths=[16,4]")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the config's model differs from the one checkpointed" in proc.stderr
     assert "gen_head_widths: checkpoint [16, 8] vs config [16, 4]" in proc.stderr
 
     def resume_with(*sets, env=None):
-        return train_more(cfg, "train.max_steps=18", *sets, env=env)
+        return train_in_process(cli, cfg, "train.max_steps=18", *sets, env=env)
 
     # Store settings the store was not made with: an error, not silently ignored.
     proc = resume_with("store.dtype=float16", "store.codec=zstd")
@@ -251,17 +188,18 @@ def test_bad_checkpoints_are_clear_errors_and_never_a_fresh_start(tmp_path, demo
     assert (run_dir / "latest.json").read_text() == pointer
 
 
-def test_resume_under_another_data_plan_says_the_epoch_restarts(tmp_path, demo_shards):
+def test_resume_under_another_data_plan_says_the_epoch_restarts(tmp_path, demo_shards, cli):
     cfg = resume_config(tmp_path, demo_shards, "workers", train={"max_steps": 6})
-    code, out = run(cfg)
-    assert code == 0, out[-3000:]  # committed at batch 6 of the 16 of epoch 0
-    proc = train_more(cfg, "train.max_steps=7", "data.num_workers=1")
+    proc = train_in_process(cli, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # committed at batch 6 of the 16 of epoch 0
+    proc = train_in_process(cli, cfg, "train.max_steps=7", "data.num_workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 0 restarted (data.num_workers changed)" in proc.stdout + proc.stderr
     assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
     # The batch size, seed and shuffle window also decide which images the rest of the epoch
     # holds: changing them restarts it too, and the message names each.
-    proc = train_more(
+    proc = train_in_process(
+        cli,
         cfg,
         "train.max_steps=8",
         "data.num_workers=1",
@@ -277,6 +215,7 @@ def test_resume_under_another_data_plan_says_the_epoch_restarts(tmp_path, demo_s
     assert find_latest(tmp_path / "workers" / "run").state["batch_in_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_second_launch_of_a_running_run_is_refused(tmp_path, demo_shards):
     cfg = resume_config(tmp_path, demo_shards, "twice", train={"max_steps": 100000})
     first = launch(cfg)

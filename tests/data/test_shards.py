@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 import tarfile
 
 import numpy as np
@@ -21,7 +20,6 @@ from lcm_dist.data.shards import (
     write_pngs,
     write_shards,
 )
-from tests.conftest import PYTHON, REPO, subprocess_env
 
 
 def _images(count, size=20, seed=0):
@@ -117,49 +115,32 @@ def test_output_folder_that_cannot_be_made_is_named(tmp_path):
         write_pngs(samples, tmp_path / "a-file" / "x", 8)
 
 
-def test_make_shards_cli(tmp_path):
+def test_make_shards_cli(tmp_path, cli):
     src = tmp_path / "photos"
     src.mkdir()
     for i, (_, im) in enumerate(_images(5, size=24)):
         im.save(src / f"p{i}.png")
-    cmd = [PYTHON, str(REPO / "launch/make_shards.py"), str(src), "--out", str(tmp_path / "s")]
     args = ["--image-size", "16", "--samples-per-shard", "2", "--quiet", "--verify"]
-    done = subprocess.run(cmd + args, env=subprocess_env(), capture_output=True, text=True)
+    done = cli("make_shards", src, "--out", tmp_path / "s", *args)
     assert done.returncode == 0, done.stderr
     assert load_manifest(tmp_path / "s")["num_samples"] == 5
-    bad = subprocess.run(
-        [PYTHON, str(REPO / "launch/make_shards.py"), str(tmp_path / "no*.png"), "--out", "x"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    bad = cli("make_shards", tmp_path / "no*.png", "--out", tmp_path / "x")
     assert bad.returncode == 2 and "matches no image files" in bad.stderr
 
 
-def test_make_shards_random_crops_with_held_out_photos(tmp_path):
+def test_make_shards_random_crops_with_held_out_photos(tmp_path, cli):
     src = tmp_path / "photos"
     src.mkdir()
     for i, (_, im) in enumerate(_images(4, size=96)):
         im.save(src / f"{'test' if i == 3 else 'train'}-{i}.png")
-    script = str(REPO / "launch/make_shards.py")
     common = ["--image-size", "16", "--quiet", "--random-crops", "9", "--seed", "3"]
-    done = subprocess.run(
-        [PYTHON, script, str(src), "--exclude", "test-*", "--out", str(tmp_path / "s"), *common],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    done = cli("make_shards", src, "--exclude", "test-*", "--out", tmp_path / "s", *common)
     assert done.returncode == 0, done.stderr
     assert load_manifest(tmp_path / "s")["num_samples"] == 9
     keys = load_keys(tmp_path / "s")
     assert {k.split("#")[0] for k in keys} == {str(src / f"train-{i}.png") for i in range(3)}
     assert all(re.fullmatch(r".*train-\d\.png#crop\d@\d+,\d+,\d+", k) for k in keys), keys
-    done = subprocess.run(
-        [PYTHON, script, str(src / "test-3.png"), "--png", "--out", str(tmp_path / "png"), *common],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    done = cli("make_shards", src / "test-3.png", "--png", "--out", tmp_path / "png", *common)
     assert done.returncode == 0, done.stderr
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 9 and Image.open(pngs[0]).size == (16, 16)

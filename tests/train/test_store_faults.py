@@ -13,8 +13,15 @@ import torch
 
 from lcm_dist.latents.store import LatentStore
 from lcm_dist.train.checkpoint import find_latest
-from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
-from tests.test_resume import assert_same_state
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    assert_same_state,
+    free_port,
+    run_config,
+    run_script,
+    subprocess_env,
+)
 
 STEPS = 24  # 64 images in batches of 4: 16 steps per epoch, so the second epoch reads back
 TIMEOUTS = {"connect_timeout": 1, "read_timeout": 3}
@@ -79,6 +86,7 @@ def clean_run(tmp_path_factory, demo_shards, s3_server):
     return final_state(cfg, options)
 
 
+@pytest.mark.slow
 def test_failing_requests_and_an_outage_leave_the_result_unchanged(
     tmp_path, demo_shards, s3_server, faulty_s3, clean_run
 ):
@@ -118,6 +126,7 @@ def test_failing_requests_and_an_outage_leave_the_result_unchanged(
     assert acc.Scalars("store/retries")[-1].value > 0
 
 
+@pytest.mark.slow
 def test_when_retries_run_out_the_run_stops_clearly_and_resumes(
     tmp_path, demo_shards, s3_server, faulty_s3, clean_run
 ):
@@ -160,7 +169,7 @@ def test_when_retries_run_out_the_run_stops_clearly_and_resumes(
 
 
 def test_an_endpoint_that_refuses_connections_is_a_clear_error_within_a_minute(
-    tmp_path, demo_shards
+    tmp_path, demo_shards, cli
 ):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     url = "s3://lcm-test/refused/latents.zarr"
@@ -169,7 +178,7 @@ def test_an_endpoint_that_refuses_connections_is_a_clear_error_within_a_minute(
     folder.mkdir()
     cfg = run_config(folder, demo_shards, store={"url": url, "storage_options": options})
     began = time.monotonic()
-    proc = run_script("launch/train.py", "--config", str(cfg), timeout=300)
+    proc = cli("train", "--config", cfg)
     took = time.monotonic() - began
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert took < 60, f"the error took {took:.0f} s"
@@ -180,6 +189,7 @@ def test_an_endpoint_that_refuses_connections_is_a_clear_error_within_a_minute(
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_two_processes_ride_out_failing_requests_and_end_as_a_clean_run(
     tmp_path, demo_shards, s3_server, faulty_s3
 ):

@@ -17,8 +17,17 @@ import torch
 from lcm_dist.latents.store import LatentStore
 from lcm_dist.lifecycle import is_launcher
 from lcm_dist.train.checkpoint import find_latest
-from tests.conftest import PYTHON, free_port, run_config
-from tests.test_resume import assert_same_state, launch, resume_config, run, train_more
+from tests.helpers import (
+    PYTHON,
+    assert_same_state,
+    final_state,
+    free_port,
+    launch,
+    resume_config,
+    run,
+    run_config,
+    train_more,
+)
 
 
 def torchrun(nproc: int, port: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:
@@ -101,6 +110,7 @@ def s3_state(cfg_path, storage_options):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_stop_signal_on_one_process_checkpoints_every_process_and_the_rerun_is_exact(
     tmp_path, demo_shards
 ):
@@ -109,8 +119,6 @@ def test_stop_signal_on_one_process_checkpoints_every_process_and_the_rerun_is_e
     reference = resume_config(tmp_path, demo_shards, "reference")
     code, out = run(reference, torchrun(2, free_port()))
     assert code == 0, out[-3000:]
-    from tests.test_resume import final_state
-
     expected = final_state(reference)
 
     cfg = resume_config(tmp_path, demo_shards, "preempted")
@@ -133,6 +141,7 @@ def test_stop_signal_on_one_process_checkpoints_every_process_and_the_rerun_is_e
     assert_same_state(expected, final_state(cfg))
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_single_process_run_checkpoints_and_exits_0(tmp_path, demo_shards):
     cfg = resume_config(tmp_path, demo_shards, "single", train={"max_steps": 100000})
     run_dir = tmp_path / "single" / "run"
@@ -206,6 +215,7 @@ def test_two_node_agents_on_s3_train_every_row_once_and_survive_losing_a_node(
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_three_shards_on_two_ranks_every_row_once_in_batches_of_their_share(tmp_path):
     from lcm_dist.data.demo import random_crops
     from lcm_dist.data.shards import write_shards
@@ -235,80 +245,7 @@ def test_three_shards_on_two_ranks_every_row_once_in_batches_of_their_share(tmp_
     assert all(s == {4, 2} for s in sizes.values()), sizes
 
 
-def test_an_images_phi_step_and_theta_weight_do_not_depend_on_its_batch_size():
-    """What a rank with fewer images does: its batches are smaller, and the loss is scaled by
-    the batch's share of a full one, so image x moves by the same phi step and adds the same
-    gradient to theta as in a full batch (generator in eval mode: no batch statistics)."""
-    from lcm_dist.config import config_from_dict
-    from lcm_dist.data.demo import random_crops
-    from lcm_dist.model.generator import Generator
-    from lcm_dist.model.latent_net import BatchedLatentNet, initial_phi
-    from lcm_dist.model.loss import lcm_loss
-    from lcm_dist.train.step import fit_batch
-
-    cfg = config_from_dict(
-        {
-            "run_dir": "unused",
-            "data": {"shards": "unused", "batch_size": 4},
-            "train": {"max_steps": 1, "inner_steps": 1, "lr_phi": 1.0},
-            "deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}},
-        }
-    )
-    torch.manual_seed(0)
-    generator = Generator(cfg.model).eval()
-    net = BatchedLatentNet(cfg.model)
-    import numpy as np
-
-    images = torch.stack(
-        [
-            torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
-            for _, im in random_crops(4, 32)
-        ]
-    )
-
-    class Engine:
-        """The part of a DeepSpeed engine fit_batch uses, on one process; keeps the
-        gradient of each step instead of stepping."""
-
-        def __init__(self, module):
-            self.module, self.grads = module, []
-
-        def __call__(self, z):
-            return self.module(z)
-
-        def backward(self, loss):
-            loss.backward()
-
-        def step(self):
-            self.grads.append([p.grad.clone() for p in self.module.parameters()])
-            self.module.zero_grad()
-
-    def step(batch):
-        engine = Engine(generator)
-        phi = initial_phi(cfg.model).repeat(len(batch), 1).requires_grad_(True)
-        fit_batch(engine, net, phi, images[batch], cfg, net.mask, torch.float32)
-        return phi.detach(), engine.grads[0]
-
-    full_phi, full_grads = step([0, 1, 2, 3])
-    half_phi, half_grads = step([0, 1])
-    start = initial_phi(cfg.model)
-    # Equal up to float summation order (a batch of 2 and of 4 reduce in different orders);
-    # unscaled, the batch of 2 would step twice as far.
-    torch.testing.assert_close(half_phi - start, full_phi[:2] - start, rtol=1e-4, atol=1e-6)
-    # theta: each image adds its own loss gradient / data.batch_size, in any batch.
-    singles = []
-    for i in range(2):
-        generator.zero_grad()
-        z = net(initial_phi(cfg.model)[None])
-        terms = lcm_loss(
-            generator(z), images[i : i + 1], cfg.train.lap_levels, cfg.train.mse_weight
-        )
-        terms["loss"].backward()
-        singles.append([p.grad.clone() for p in generator.parameters()])
-    for got, a, b in zip(half_grads, *singles, strict=True):
-        torch.testing.assert_close(got, (a + b) / 4, rtol=1e-4, atol=1e-7)
-
-
+@pytest.mark.slow
 def test_a_killed_run_can_be_relaunched_at_once_while_its_loader_workers_are_orphaned(
     tmp_path, demo_shards
 ):
@@ -334,6 +271,7 @@ def test_a_killed_run_can_be_relaunched_at_once_while_its_loader_workers_are_orp
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_the_deepspeed_launcher_shares_cores_and_its_workers_die_with_it(tmp_path, demo_shards):
     cfg = resume_config(tmp_path, demo_shards, "ds", train={"max_steps": 100000})
     run_dir = tmp_path / "ds" / "run"

@@ -20,8 +20,7 @@ from lcm_dist.planning.cost import (
 )
 from lcm_dist.planning.plan import make_plan
 from lcm_dist.planning.replay import epoch_row_order, synthetic_manifest
-from tests.conftest import run_config, run_script
-from tests.test_trainer import read_scalars
+from tests.helpers import read_scalars, run_config
 
 PAPER_PARAMETERS = 38_696_224
 P = 24_448
@@ -172,7 +171,7 @@ def test_each_warning(tmp_path, sections, kwargs, expected):
         (32, {"prefetch_chunks": 64, "cache_bytes": 4 * 4 * P * 4}),
     ],
 )
-def test_predictions_match_a_real_run(tmp_path, demo_shards, shuffle, store):
+def test_predictions_match_a_real_run(tmp_path, demo_shards, shuffle, store, cli):
     """Two epochs in one process with checkpoints mid-epoch (each writes back partly trained
     chunks): bytes read and written and the cache's peak as the run logs them."""
     cfg_path = run_config(
@@ -184,10 +183,10 @@ def test_predictions_match_a_real_run(tmp_path, demo_shards, shuffle, store):
         checkpoint={"every_steps": 6},
         log={"every_steps": 8, "image_every_steps": 0},
     )
-    proc = run_script("launch/plan.py", "--config", str(cfg_path), "--json")
+    proc = cli("plan", "--config", cfg_path, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
-    proc = run_script("launch/train.py", "--config", str(cfg_path))
+    proc = cli("train", "--config", cfg_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = read_scalars(tmp_path / "run")
     measured = {t: acc.Scalars(f"store/{t}")[-1].value for t in ("bytes_read", "bytes_written")}
@@ -221,9 +220,9 @@ def test_checkpoint_bytes_by_precision_and_optimizer(tmp_path):
     assert files["engine weights"] == 2 * 1010 and files["optimizer state"] == 8 * 1000
 
 
-def test_plan_of_the_paper_run_on_32_gpus():
-    proc = run_script(
-        "launch/plan.py",
+def test_plan_of_the_paper_run_on_32_gpus(cli):
+    proc = cli(
+        "plan",
         "--config",
         "configs/big.json",
         "--images",
@@ -247,8 +246,8 @@ def test_plan_of_the_paper_run_on_32_gpus():
     assert any("gradient reduction takes" in w for w in plan["warnings"])
 
 
-def test_bad_arguments_are_one_line_errors():
-    proc = run_script("launch/plan.py", "--config", "configs/big.json", "--images", "0")
+def test_bad_arguments_are_one_line_errors(cli):
+    proc = cli("plan", "--config", "configs/big.json", "--images", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --images and --samples-per-shard must be positive"
 
@@ -312,9 +311,9 @@ def test_compression_is_measured_with_the_configured_codec(tmp_path):
     assert note.startswith("4 committed rows of the run's store") and (real == 0.5).all()
 
 
-def test_measured_step_time(tmp_path, demo_shards):
+def test_measured_step_time(tmp_path, demo_shards, cli):
     cfg_path = run_config(tmp_path, demo_shards)
-    proc = run_script("launch/plan.py", "--config", str(cfg_path), "--measure")
+    proc = cli("plan", "--config", cfg_path, "--measure")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 x (one inner step measured on " in proc.stdout  # its GPU, else its CPU
 

@@ -10,22 +10,14 @@ import torch
 
 from lcm_dist.config import load_config
 from lcm_dist.train.checkpoint import find_latest
-from tests.conftest import PYTHON, free_port, run_config, run_script
-from tests.test_resume import run, train_more
+from tests.helpers import run, run_config, torchrun, train_more
 
 
-def torchrun(n: int) -> list[str]:
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n)] + [
-        "--master_port",
-        str(free_port()),
-    ]
-
-
-def test_fp16_is_refused_before_anything_is_written(tmp_path, demo_shards):
+def test_fp16_is_refused_before_anything_is_written(tmp_path, demo_shards, cli):
     cfg = run_config(tmp_path, demo_shards, deepspeed={"fp16": {"enabled": True}})
     with pytest.raises(ValueError, match="'deepspeed.fp16.enabled' is true, but fp16 is not"):
         load_config(str(cfg))
-    proc = run_script("launch/train.py", "--config", str(cfg))
+    proc = cli("train", "--config", cfg)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "use deepspeed.bf16" in lines[-1]
@@ -45,6 +37,7 @@ def _config(tmp_path, shards, **deepspeed):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_bf16_checkpoints_hold_fp32_weights_and_resume_on_another_world_size(tmp_path, demo_shards):
     cfg = _config(tmp_path, demo_shards, bf16={"enabled": True}, zero_optimization={"stage": 2})
     code, out = run(cfg, torchrun(2))
@@ -69,6 +62,7 @@ def test_bf16_checkpoints_hold_fp32_weights_and_resume_on_another_world_size(tmp
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_zero3_trains_and_resumes_with_its_own_world_size_only(tmp_path, demo_shards):
     cfg = _config(tmp_path, demo_shards, zero_optimization={"stage": 3})
     code, out = run(cfg, torchrun(2))

@@ -1,4 +1,5 @@
-"""Training end to end: in one process, and as two gloo processes under torchrun."""
+"""Training end to end: in one process (the suite's trained run, and launch/train.py's main
+run in-process), and as two gloo processes under torchrun and the deepspeed launcher."""
 
 from __future__ import annotations
 
@@ -8,24 +9,12 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import PYTHON, REPO, free_port, run_config, run_script, subprocess_env
+from tests.helpers import PYTHON, REPO, free_port, read_scalars, run_config, subprocess_env
 
 
-def read_scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    return acc
-
-
-def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
-    cfg_path = run_config(
-        tmp_path, demo_shards, train={"max_steps": 16, "inner_steps": 4}, log={"every_steps": 4}
-    )
-    proc = run_script("launch/train.py", "--config", str(cfg_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
+def test_single_process_training_lowers_the_loss(trained_run):
+    # The suite's trained run: 16 steps, the loss logged every 4.
+    run = trained_run
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["train"]["max_steps"] == 16
     acc = read_scalars(run)
@@ -47,11 +36,9 @@ def test_single_process_training_lowers_the_loss(tmp_path, demo_shards):
     assert acc.Scalars("perf/tflops_per_process")[-1].value > 0
 
 
-def _train(cfg_path, *extra, timeout=300):
-    return run_script("launch/train.py", "--config", str(cfg_path), *extra, timeout=timeout)
-
-
-def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_path, demo_shards):
+def test_latents_are_paged_through_the_store_and_refused_for_another_model(
+    tmp_path, demo_shards, cli
+):
     from lcm_dist.latents.store import LatentStore
 
     url = str(tmp_path / "latents.zarr")
@@ -63,7 +50,7 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
         store={"url": url, "cache_bytes": 3 * 8 * 24448 * 4, "rows_per_chunk": 8},
         log={"every_steps": 16},
     )
-    proc = _train(cfg_path)
+    proc = cli("train", "--config", cfg_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = LatentStore.open(url)
     assert store.rows_per_chunk == 8 and (store.committed >= 0).all()
@@ -77,8 +64,10 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
 
     # A new run (fresh run_dir) pointed at this store with another model is refused by the
     # store itself; nothing in it is touched.
-    proc = _train(
-        cfg_path, "--set", "model.phi_init_seed=5", "--set", f"run_dir={tmp_path / 'run2'}"
+    proc = cli(
+        "train",
+        *("--config", cfg_path, "--set", "model.phi_init_seed=5"),
+        *("--set", f"run_dir={tmp_path / 'run2'}"),
     )
     assert proc.returncode == 2
     assert f"latent store {url} was made for another model (phi_init_seed: store 42" in proc.stderr
@@ -86,7 +75,7 @@ def test_latents_are_paged_through_the_store_and_refused_for_another_model(tmp_p
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "latents.zarr").rglob("*")} == before
 
 
-def test_store_smaller_than_dataset_is_refused(tmp_path, demo_shards):
+def test_store_smaller_than_dataset_is_refused(tmp_path, demo_shards, cli):
     from lcm_dist.config import config_from_dict
     from lcm_dist.latents.store import LatentStore, model_signature
 
@@ -101,37 +90,23 @@ def test_store_smaller_than_dataset_is_refused(tmp_path, demo_shards):
         signature=model_signature(model),
         rows_per_chunk=8,
     )
-    proc = _train(run_config(tmp_path, demo_shards, store={"url": url}))
+    proc = cli("train", "--config", run_config(tmp_path, demo_shards, store={"url": url}))
     assert proc.returncode == 2
     assert "holds 10 rows but the dataset has 64 images" in proc.stderr
 
 
-def test_bad_config_key_exits_with_one_line(tmp_path, demo_shards):
+def test_bad_config_key_exits_with_one_line(tmp_path, demo_shards, cli):
     cfg_path = run_config(tmp_path, demo_shards, train={"lr_phy": 1.0})
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("train", "--config", cfg_path)
     assert proc.returncode == 2
     assert "unknown config key 'train.lr_phy'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_nan_loss_stops_with_one_line(tmp_path, demo_shards):
+def test_nan_loss_stops_with_one_line(tmp_path, demo_shards, cli):
     # phi's normalization scale and shift are not clamped: a huge lr_phi overflows them.
     cfg_path = run_config(tmp_path, demo_shards, train={"lr_phi": 1e38})
-    proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", str(cfg_path)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("train", "--config", cfg_path)
     assert proc.returncode == 2
     assert "error: the loss became nan at step" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -144,6 +119,7 @@ LAUNCHERS = {
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_gloo_training(tmp_path, demo_shards, launcher):
     cfg_path = run_config(tmp_path, demo_shards, deepspeed={"zero_optimization": {"stage": 2}})
@@ -159,7 +135,9 @@ def test_two_process_gloo_training(tmp_path, demo_shards, launcher):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_path, demo_shards):
+def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(
+    tmp_path, demo_shards, cli
+):
     from safetensors.torch import load_file
 
     from lcm_dist.data.demo import random_crops
@@ -182,7 +160,7 @@ def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_
         cfg_path = run_config(
             folder, demo_shards, train={"max_steps": 4, "deterministic": True}, log=log
         )
-        proc = _train(cfg_path)
+        proc = cli("train", "--config", cfg_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         commit = find_latest(folder / "run")
         weights[name] = load_file(str(commit.folder / "generator.safetensors"))
@@ -193,9 +171,8 @@ def test_restoration_preview_shows_in_tensorboard_and_leaves_training_alone(tmp_
         assert torch.equal(value, weights["preview"][key]), f"the preview changed {key}"
 
 
-def test_demo_trains_then_says_it_has_finished(tmp_path):
+def test_demo_trains_then_says_it_has_finished(tmp_path, cli):
     args = [
-        "launch/demo.py",
         "--images",
         "16",
         "--set",
@@ -207,11 +184,11 @@ def test_demo_trains_then_says_it_has_finished(tmp_path):
         "--set",
         "log.progress=false",
     ]
-    first = run_script(*args)
+    first = cli("demo", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "demo: making 16 crops" in first.stdout
     assert "demo: loss " in first.stdout and "over 2 batches" in first.stdout
-    again = run_script(*args)
+    again = cli("demo", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "demo: using the 16 crops" in again.stdout
     assert f"demo: the run in {tmp_path / 'run'} is already finished" in again.stdout
@@ -219,6 +196,7 @@ def test_demo_trains_then_says_it_has_finished(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_an_error_on_one_process_is_one_line_on_the_others(tmp_path):
     from lcm_dist.data.demo import random_crops
     from lcm_dist.data.shards import write_shards
