@@ -8,9 +8,17 @@ once per epoch) writes the chunk back in the background and frees it. So in stea
 step never waits on I/O, each chunk is read once and written once per epoch, and resident
 memory stays under ``budget_bytes`` however large the store is.
 
-If the budget is too small for the chunks in flight, clean chunks furthest in the future are
-dropped first; a dirty chunk that must leave early is written back (to the uncommitted slot)
-and read again when needed: correct, only slower.
+If the budget is too small for the chunks in flight, chunks already written back to leave go
+first, then clean chunks furthest in the future; a dirty chunk that must leave early is written
+back (to the uncommitted slot) and read again when needed: correct, only slower.
+
+What is resident does not depend on how fast the store is. A chunk written back to leave stays
+(and counts against the budget) after its write completes, until the step's thread lets it go:
+at the next ``write_rows`` (a batch later, the store having had the batch's compute to write
+it), at ``flush``, or sooner in ``read_rows`` if its room is needed (waiting for the write only
+then). So every decision to read ahead or to drop a chunk, and the peak, are the same whether
+the background writes finish at once or during the next batch; only a store that lags a whole
+batch behind holds chunks longer.
 
 The background reads and writes retry transient store errors (``LatentStore.retry``). While
 they do, a step that needs their chunk waits; instead of waiting silently, it prints a warning
@@ -52,7 +60,7 @@ class _Entry:
     data: np.ndarray | None = None
     dirty: bool = False
     pinned: bool = False  # rows handed to the step and not yet written back
-    drop_after_write: bool = False
+    drop_after_write: bool = False  # leaving: let go by the step's thread once written
 
 
 class WriteBackCache:
@@ -138,6 +146,7 @@ class WriteBackCache:
             while busy := [c for c, e in self._entries.items() if e.state != "ready"]:
                 self._wait(began, busy[0])
             self._check()
+            self._retire()
         self.wait_seconds += time.perf_counter() - start
 
     def close(self) -> None:
@@ -192,6 +201,7 @@ class WriteBackCache:
         waited = False
         with self._cond:
             self._check()
+            self._retire()  # the chunks the last batches wrote back to leave
             chunks = np.unique(rows // self.rows_per_chunk).tolist()
             for chunk in chunks:
                 waited |= self._acquire(chunk, set(chunks))  # it may have left under pressure
@@ -304,11 +314,29 @@ class WriteBackCache:
         entry = self._entries.pop(chunk)
         self._resident -= entry.nbytes
 
+    def _retire(self, keep: set[int] = frozenset()) -> None:
+        """Let go of the chunks (but ``keep``) whose write-back to leave has completed. Only the
+        step's thread does this, at fixed points, so residency does not follow the store's
+        speed."""
+        for chunk in [c for c, e in self._entries.items() if e.drop_after_write]:
+            if self._entries[chunk].state == "ready" and chunk not in keep:
+                self._release(chunk)
+
     def _make_room(self, nbytes: int, keep: set[int]) -> bool:
         """Free memory until ``nbytes`` more fit; returns whether it had to wait."""
         waited = False
         began = time.monotonic()
         while self._resident + nbytes > self.budget:
+            leaving = [c for c, e in self._entries.items() if e.drop_after_write and c not in keep]
+            if leaving:
+                # Gone already in a store that keeps up: wait for their writes if need be,
+                # rather than drop a chunk that is still to be trained.
+                if any(self._entries[c].state == "ready" for c in leaving):
+                    self._retire(keep)
+                    continue
+                waited = True
+                self._wait(began, leaving[0])
+                continue
             victims = [
                 c
                 for c, e in self._entries.items()
@@ -338,9 +366,9 @@ class WriteBackCache:
                 if chunk not in self._entries:
                     self._start_load(chunk)
                 continue
+            entry.drop_after_write = False  # needed again: stay (once written)
             if entry.state == "ready":
                 return waited
-            entry.drop_after_write = False  # needed again: stay once written
             waited = True
             self._wait(began, chunk)
 
@@ -391,9 +419,7 @@ class WriteBackCache:
         with self._cond:
             entry = self._entries[chunk]
             entry.dirty = False
-            entry.state = "ready"
-            if entry.drop_after_write:
-                self._release(chunk)
+            entry.state = "ready"  # if leaving, the step's thread lets it go (_retire)
             self._cond.notify_all()
 
     def _prefetch(self) -> None:

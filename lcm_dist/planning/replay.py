@@ -4,7 +4,10 @@ The real ``WriteBackCache`` is driven through the run's own batches (the epoch's
 each loader worker's block shuffle, the DataLoader's round-robin over workers, checkpoint
 flushes) over a store stand-in that keeps one float per row and moves no data. So the traffic
 it counts includes chunks that leave the cache early under a small budget and the partly
-trained chunks a checkpoint writes back; only I/O timing is idealised (the store keeps up).
+trained chunks a checkpoint writes back. Here the store finishes each read and write at once;
+the cache decides what to read ahead, drop and let go on the step's thread from state that does
+not depend on when I/O finishes, so a run's traffic and peak are the same as long as its store
+finishes what a batch gave it during the next batch (the plan checks its bandwidth).
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ class _CountingStore:
 
 
 def _settle(cache: WriteBackCache) -> None:
-    """Wait until the cache's background reads and writes are done: the store keeps up with
-    the step, which the plan checks separately (store bandwidth)."""
+    """Wait until the cache's background reads and writes are done, as a store that keeps up
+    has done by the end of the batch's compute."""
     with cache._cond:
         while any(e.state != "ready" for e in cache._entries.values()):
             cache._cond.wait(timeout=1.0)

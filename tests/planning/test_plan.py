@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
 from lcm_dist.config import config_from_dict, load_config
-from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.loader import (
+    ShardLoader,
+    batch_sizes,
+    chunk_need_order,
+    shards_for_rank,
+    steps_per_epoch,
+)
 from lcm_dist.data.shards import load_manifest
+from lcm_dist.latents.cache import WriteBackCache
+from lcm_dist.latents.store import IOCounters
 from lcm_dist.planning.cost import (
     Cluster,
     ModelCost,
@@ -19,7 +28,13 @@ from lcm_dist.planning.cost import (
     ring_traffic_bytes,
 )
 from lcm_dist.planning.plan import make_plan
-from lcm_dist.planning.replay import epoch_row_order, synthetic_manifest
+from lcm_dist.planning.replay import (
+    _CountingStore,
+    _settle,
+    epoch_row_order,
+    replay_epochs,
+    synthetic_manifest,
+)
 from tests.helpers import read_scalars, run_config
 
 PAPER_PARAMETERS = 38_696_224
@@ -162,15 +177,15 @@ def test_each_warning(tmp_path, sections, kwargs, expected):
     assert len([w for w in warnings if expected in w]) == 1, warnings
 
 
-@pytest.mark.parametrize(
-    "shuffle,store",
-    [
-        (8, {"prefetch_chunks": 2}),  # peak set by the shuffle window and the read-ahead
-        (8, {"prefetch_chunks": 64, "cache_bytes": 5 * 4 * P * 4}),  # peak set by the budget
-        # A shuffle window wider than the budget: chunks leave early, ~3.4x the traffic.
-        (32, {"prefetch_chunks": 64, "cache_bytes": 4 * 4 * P * 4}),
-    ],
-)
+PREDICTED_RUNS = [
+    (8, {"prefetch_chunks": 2}),  # peak set by the shuffle window and the read-ahead
+    (8, {"prefetch_chunks": 64, "cache_bytes": 5 * 4 * P * 4}),  # peak set by the budget
+    # A shuffle window wider than the budget: chunks leave early, ~3.4x the traffic.
+    (32, {"prefetch_chunks": 64, "cache_bytes": 4 * 4 * P * 4}),
+]
+
+
+@pytest.mark.parametrize("shuffle,store", PREDICTED_RUNS)
 def test_predictions_match_a_real_run(tmp_path, demo_shards, shuffle, store, cli):
     """Two epochs in one process with checkpoints mid-epoch (each writes back partly trained
     chunks): bytes read and written and the cache's peak as the run logs them."""
@@ -202,6 +217,90 @@ def test_predictions_match_a_real_run(tmp_path, demo_shards, shuffle, store, cli
     folder = tmp_path / "run" / "checkpoints" / "step-00000032"
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert plan["checkpoint_bytes"] == pytest.approx(size, rel=0.1)
+
+
+class _SlowStore(_CountingStore):
+    """The replay's store, but reads and writes wait until the step waits for the cache or
+    the test opens the gate: the slowest store that still keeps up with the batch (what it
+    was given finishes during the next batch's compute)."""
+
+    def __init__(self, num_rows: int, rows_per_chunk: int):
+        super().__init__(num_rows, rows_per_chunk)
+        self.gate = threading.Event()
+
+    def read_chunk(self, chunk, abort=None):
+        self.gate.wait()
+        return super().read_chunk(chunk, abort)
+
+    def write_chunk(self, chunk, data, abort=None):
+        self.gate.wait()
+        super().write_chunk(chunk, data, abort)
+
+
+@pytest.mark.parametrize("shuffle,store", PREDICTED_RUNS)
+def test_cache_peak_and_traffic_do_not_depend_on_io_speed(tmp_path, shuffle, store):
+    """The cache driven through the replay's batches over a store that holds every read and
+    write until the step waits for it or the next batch has been read: the same peak and
+    traffic as the replay predicts with a store that keeps up at once."""
+    cfg = _cfg(
+        tmp_path,
+        data={"shuffle_buffer": shuffle},
+        store=store,
+        checkpoint={"every_steps": 6},
+    )
+    manifest = synthetic_manifest(64, 8, cfg.model.image_size)
+    predicted = replay_epochs(cfg, manifest, 1, 0, 4, P)
+
+    d = cfg.data
+    slow = _SlowStore(manifest["num_samples"], 4)
+    # As the replay: one float per row, the budget in the chunks the real one admits; an I/O
+    # thread per chunk that can be held at once, so held I/O never blocks other I/O.
+    cache = WriteBackCache(
+        slow, cfg.store.cache_bytes // (P * 4) * 4, 64, cfg.store.prefetch_chunks
+    )
+    waits = cache._wait
+
+    def wait(began, chunk):  # the step waits for the store: it delivers
+        slow.gate.set()
+        waits(began, chunk)
+
+    cache._wait = wait
+    steps = steps_per_epoch(manifest, 1, d.batch_size)
+    measured, step = [], 0
+    for epoch in range(2):
+        ids = shards_for_rank(len(manifest["shards"]), cfg.train.seed, epoch, 0, 1)
+        order = epoch_row_order(
+            manifest, ids, d.num_workers, d.shuffle_buffer, cfg.train.seed, epoch, 0
+        )
+        before = IOCounters(**vars(slow.counters))
+        cache.peak_resident = 0
+        cache.begin_epoch(chunk_need_order(manifest, ids, d.num_workers, 4))
+        start = 0
+        for size in batch_sizes(order.size, steps):
+            rows = order[start : start + size]
+            start += size
+            step += 1
+            values = cache.read_rows(rows)
+            # The batch's compute: the store finishes what it was given so far, then holds
+            # the write-backs and reads ahead that follow until the next batch has been read.
+            slow.gate.set()
+            _settle(cache)
+            slow.gate.clear()
+            cache.write_rows(rows, values)
+            if step % cfg.checkpoint.every_steps == 0:
+                cache.flush()
+        cache.end_epoch()
+        slow.written.update(range(64 // 4))  # every row trained: read from now on
+        c = slow.counters
+        measured.append(
+            (
+                (c.bytes_read - before.bytes_read) * P * 4,
+                (c.bytes_written - before.bytes_written) * P * 4,
+                cache.peak_resident // 4 * P * 4,
+            )
+        )
+    cache.close()
+    assert measured == [(e.bytes_read, e.bytes_written, e.peak_resident_bytes) for e in predicted]
 
 
 def test_checkpoint_bytes_by_precision_and_optimizer(tmp_path):
