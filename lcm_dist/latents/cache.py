@@ -28,7 +28,6 @@ the retries run out the step raises ``StoreIOError`` and no further I/O is start
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,20 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lcm_dist.latents.retry import StoreIOError, StoreUnavailableError
+from lcm_dist.latents.layout import min_cache_bytes
+from lcm_dist.latents.retry import StallWarner, StoreIOError, StoreUnavailableError
 from lcm_dist.latents.store import LatentStore
 
 __all__ = ["StoreIOError", "WriteBackCache", "min_cache_bytes"]
-
-
-def min_cache_bytes(data, rows_per_chunk: int, phi_size: int) -> tuple[int, int]:
-    """(chunks, bytes) that one batch may touch at once: the least ``store.cache_bytes`` a run
-    with the data section ``data`` can start with. A batch draws from each loader worker's
-    shuffle window of consecutive rows, so it touches at most this many chunks (and never more
-    than one per image); the cache holds them as float32."""
-    window_chunks = -(-(data.shuffle_buffer + data.batch_size) // rows_per_chunk) + 1
-    chunks = min(data.batch_size, max(1, data.num_workers) * window_chunks)
-    return chunks, chunks * rows_per_chunk * phi_size * 4
 
 
 @dataclass
@@ -75,8 +65,9 @@ class WriteBackCache:
         stall_warning_seconds: float | None = None,
     ):
         self.store = store
-        self.stall_warning_seconds = (
-            store.stall_warning_seconds if stall_warning_seconds is None else stall_warning_seconds
+        self._stall = StallWarner(
+            store,
+            store.stall_warning_seconds if stall_warning_seconds is None else stall_warning_seconds,
         )
         self.rows_per_chunk = store.rows_per_chunk
         self.phi_size = store.phi_size
@@ -94,7 +85,6 @@ class WriteBackCache:
         self._resident = 0
         self._error: str | None = None
         self._abort = threading.Event()  # set on the first I/O error: start no more I/O
-        self._stall: tuple[float, float] = (0.0, 0.0)  # (wait began, next warning after)
         self.peak_resident = 0
         self.wait_seconds = 0.0
         self._order: list[int] = []
@@ -269,39 +259,14 @@ class WriteBackCache:
             raise StoreIOError(self._error)
 
     def _wait(self, began: float, chunk: int) -> None:
-        """Wait for news from the I/O threads; warn if the step has now waited, since
-        ``began``, for ``stall_warning_seconds`` (again every as many seconds)."""
-        every = self.stall_warning_seconds
-        self._cond.wait(timeout=min(1.0, every or 1.0))
+        """Wait for news from the I/O threads, warning if the step has waited too long."""
+        self._cond.wait(timeout=min(1.0, self._stall.every or 1.0))
         self._check()
-        if not every:
-            return
-        first, due = self._stall
-        if first != began:
-            first, due = began, began + every
-        now = time.monotonic()
-        if now >= due:
-            self._warn_stall(now - began, chunk)
-            due = now + every
-        self._stall = (first, due)
-
-    def _warn_stall(self, waited: float, chunk: int) -> None:
         entry = self._entries.get(chunk)
         doing = {"loading": "reading it", "writing": "writing it back"}.get(
             entry.state if entry else "", "making room for it"
         )
-        last = self.store.last_error
-        if last is not None and time.monotonic() - last[0] < waited + 1.0:
-            news = f"the store's last error, {time.monotonic() - last[0]:.0f} s ago: {last[1]}"
-        else:
-            news = "no error from the store yet: it is slow or not answering"
-        print(
-            f"lcm-dist: waiting {waited:.0f} s for chunk {chunk} of latent store "
-            f"{self.store.url} ({doing}; {news}); retrying for up to "
-            f"{self.store.retry.seconds:.0f} s before stopping",
-            file=sys.stderr,
-            flush=True,
-        )
+        self._stall.check(began, f"chunk {chunk}", doing)
 
     def _reserve(self, chunk: int) -> _Entry:
         entry = _Entry(self._nbytes(chunk))

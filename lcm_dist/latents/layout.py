@@ -31,3 +31,13 @@ def auto_rows_per_chunk(samples_per_shard: int, row_bytes: int) -> int:
         if samples_per_shard % d == 0 and d * row_bytes <= MAX_AUTO_CHUNK_BYTES:
             best = d
     return best
+
+
+def min_cache_bytes(data, rows_per_chunk: int, phi_size: int) -> tuple[int, int]:
+    """(chunks, bytes) that one batch may touch at once: the least ``store.cache_bytes`` a run
+    with the data section ``data`` can start with. A batch draws from each loader worker's
+    shuffle window of consecutive rows, so it touches at most this many chunks (and never more
+    than one per image); the cache holds them as float32."""
+    window_chunks = -(-(data.shuffle_buffer + data.batch_size) // rows_per_chunk) + 1
+    chunks = min(data.batch_size, max(1, data.num_workers) * window_chunks)
+    return chunks, chunks * rows_per_chunk * phi_size * 4

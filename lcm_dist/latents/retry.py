@@ -246,3 +246,39 @@ def store_options(url: str, options: dict | None) -> dict | None:
     config.setdefault("retries", {"mode": "standard", "total_max_attempts": 1})
     options["config_kwargs"] = config
     return options
+
+
+class StallWarner:
+    """Warns, on stderr, while a step waits on the store: after ``every`` seconds of one wait
+    and again every as many seconds, naming what it waits for, the store and its last error."""
+
+    def __init__(self, store, every: float | None):
+        self.store, self.every = store, every
+        self._wait = (0.0, 0.0)  # (the wait's start, the next warning's time)
+
+    def check(self, began: float, what: str, doing: str) -> None:
+        """Called while waiting since ``began`` (``time.monotonic``) for ``what``."""
+        if not self.every:
+            return
+        first, due = self._wait
+        if first != began:
+            first, due = began, began + self.every
+        now = time.monotonic()
+        if now >= due:
+            self._warn(now - began, what, doing)
+            due = now + self.every
+        self._wait = (first, due)
+
+    def _warn(self, waited: float, what: str, doing: str) -> None:
+        last = self.store.last_error
+        if last is not None and time.monotonic() - last[0] < waited + 1.0:
+            news = f"the store's last error, {time.monotonic() - last[0]:.0f} s ago: {last[1]}"
+        else:
+            news = "no error from the store yet: it is slow or not answering"
+        print(
+            f"lcm-dist: waiting {waited:.0f} s for {what} of latent store {self.store.url} "
+            f"({doing}; {news}); retrying for up to {self.store.retry.seconds:.0f} s before "
+            "stopping",
+            file=sys.stderr,
+            flush=True,
+        )
