@@ -16,7 +16,8 @@ import torch
 
 from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig, config_to_dict
-from lcm_dist.data.loader import ShardLoader, chunk_need_order
+from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.latents.cache import WriteBackCache, min_cache_bytes
 from lcm_dist.latents.store import open_run_store, resolve_url
