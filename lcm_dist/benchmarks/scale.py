@@ -27,7 +27,7 @@ def synthetic_shards(out: str, num_rows: int, steps: int, seed: int = 0) -> dict
     """A manifest of ``num_rows`` rows, with the shards that the first ``steps`` batches of
     rank 0 (of 1) read in epoch 0 written for real."""
     from lcm_dist.data.demo import random_crops
-    from lcm_dist.data.loader import shards_for_rank
+    from lcm_dist.data.plan import shards_for_rank
     from lcm_dist.data.shards import add_sample, open_shard
 
     num_shards = -(-num_rows // SAMPLES_PER_SHARD)

@@ -6,7 +6,11 @@ manifest, so every process can compute any rank's plan without talking to the ot
 * the shards are permuted with ``numpy.random.default_rng([seed, epoch])`` and dealt to the
   ranks round-robin: every shard goes to exactly one rank per epoch (so no two ranks ever touch
   the same rows or the same store chunks);
-* a rank's shards are split among its loader workers by WebDataset's ``split_by_worker``;
+* a rank's shards are split among its loader workers by WebDataset's ``split_by_worker``; the
+  epoch's sample order takes one sample from each worker in turn. Each worker assembles its
+  share of every batch itself (``lcm_dist.data.plan.worker_batch_slots`` says which slots its
+  samples fill) and hands it over in one piece, so a batch costs one hand-over per worker, not
+  one per image;
 * samples are shuffled in consecutive blocks of ``shuffle_buffer`` samples of each worker's
   stream, seeded by ``(seed, epoch, rank, worker)``: a bounded window, so the rows of a batch
   span a bounded number of latent-store chunks;
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +36,13 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from lcm_dist.data.plan import (
+    batch_sizes,
+    shards_for_rank,
+    steps_per_epoch,
+    worker_batch_slots,
+    worker_shards,
+)
 from lcm_dist.data.shards import join, load_manifest
 from lcm_dist.lifecycle import loader_worker_init
 
@@ -54,61 +64,29 @@ class Batch:
 
 
 @dataclass
+class _Part:
+    """One loader worker's share of one batch, assembled in the worker: its samples' rows and
+    images (in its stream order) and the slots they fill in the batch. A worker hands over one
+    part per batch, so a batch costs one round trip per worker instead of one per image."""
+
+    index: int  # the batch's index in the epoch
+    rows: np.ndarray  # (n,) int64
+    images: torch.Tensor | None  # (n, 3, H, W); None in a skipped batch and when n == 0
+    slots: np.ndarray  # (n,) int64 positions in the batch
+
+    def pin_memory(self):
+        """Called by the DataLoader's pin-memory thread (GPU runs only)."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+@dataclass
 class _Failure:
     """Sent from a loader worker instead of raising, so the main process can raise a one-line
     error (DataLoader would otherwise wrap it in a multi-line traceback)."""
 
     message: str
-
-
-def shards_for_rank(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list:
-    """The shard indices rank ``rank`` reads in ``epoch``, in reading order."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    return [int(i) for i in order[rank::world_size]]
-
-
-def steps_per_epoch(manifest: dict, world_size: int, batch_size: int) -> int:
-    """Steps per epoch, the same on every rank and in every epoch: enough for the largest
-    share any rank can be dealt (ceil(shards / world) full shards) at ``batch_size``."""
-    per_rank = math.ceil(len(manifest["shards"]) / world_size) * manifest["samples_per_shard"]
-    return math.ceil(min(per_rank, manifest["num_samples"]) / batch_size)
-
-
-def chunk_need_order(
-    manifest: dict, shard_ids: list[int], num_workers: int, rows_per_chunk: int
-) -> list[int]:
-    """The latent-store chunks of a rank's shards in the order the rank will need them.
-
-    Loader worker w reads shards ``shard_ids[w::W]`` one after the other and the DataLoader
-    takes samples from the workers in turn, so the j-th shards of all workers are read at the
-    same time: their chunks are interleaved.
-    """
-    from lcm_dist.latents.store import chunks_of_rows
-
-    workers = max(1, num_workers)
-    per_worker = [shard_ids[w::workers] for w in range(workers)]
-    order: list[int] = []
-    seen: set[int] = set()
-    for j in range(max(len(p) for p in per_worker)):
-        lists = []
-        for shards in per_worker:
-            if j < len(shards):
-                entry = manifest["shards"][shards[j]]
-                lists.append(
-                    list(chunks_of_rows(entry["first_row"], entry["count"], rows_per_chunk))
-                )
-        for k in range(max(len(chunks) for chunks in lists)):
-            for chunks in lists:
-                if k < len(chunks) and chunks[k] not in seen:
-                    seen.add(chunks[k])
-                    order.append(chunks[k])
-    return order
-
-
-def batch_sizes(num_images: int, steps: int) -> list[int]:
-    """Split ``num_images`` into ``steps`` batches whose sizes differ by at most one."""
-    base, extra = divmod(num_images, steps)
-    return [base + 1] * extra + [base] * (steps - extra)
 
 
 def decode_sample(sample: dict, url: str, image_size: int, image_format: str) -> tuple:
@@ -152,6 +130,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int,
         epoch: int,
         rank: int,
+        sizes: list[int],
+        skip: int = 0,
     ):
         super().__init__()
         self.base = base
@@ -160,6 +140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.image_size = image_size
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.sizes, self.skip = sizes, skip
 
     def _samples(self, entries: list[dict]) -> Iterator[tuple]:
         for entry in entries:
@@ -201,23 +182,48 @@ class ShardStream(torch.utils.data.IterableDataset):
                     "(truncated or replaced shard?)"
                 )
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        # WebDataset's worker splitter reads the worker id from the DataLoader.
-        entries = list(wds.split_by_worker(self.entries))
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+    def _block_shuffled(self, entries: list[dict], rng: np.random.Generator) -> Iterator[tuple]:
         # Block shuffle: fill a window, emit it in random order, repeat. Unlike a reservoir
         # (random pop), no sample lingers past its window, so a batch's rows come from a bounded
         # run of consecutive rows and the latent cache needs only the chunks of that run.
         block: list[tuple] = []
+        for item in self._samples(entries):
+            block.append(item)
+            if len(block) >= max(1, self.shuffle_buffer):
+                yield from _shuffled(block, rng)
+                block = []
+        yield from _shuffled(block, rng)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # WebDataset's worker splitter reads the worker id from the DataLoader.
+        entries = list(wds.split_by_worker(self.entries))
+        counts = [sum(e["count"] for e in part) for part in worker_shards(self.entries, workers)]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        samples = self._block_shuffled(entries, rng)
         try:
-            for item in self._samples(entries):
-                block.append(item)
-                if len(block) >= max(1, self.shuffle_buffer):
-                    yield from _shuffled(block, rng)
-                    block = []
-            yield from _shuffled(block, rng)
+            for index, slots in enumerate(worker_batch_slots(counts, self.sizes, worker)):
+                rows, images = [], []
+                for _ in range(slots.size):
+                    item = next(samples, None)
+                    if item is None:
+                        raise ShardDecodeError(
+                            f"the shards of rank {self.rank} in epoch {self.epoch} ran out early"
+                        )
+                    rows.append(item[0])
+                    images.append(item[1])
+                keep = index >= self.skip and images
+                yield _Part(
+                    index,
+                    np.asarray(rows, dtype=np.int64),
+                    torch.stack(images) if keep else None,
+                    slots,
+                )
+            if next(samples, None) is not None:
+                raise ShardDecodeError(
+                    f"the shards of rank {self.rank} hold more images than planned"
+                )
         except ShardDecodeError as err:
             yield _Failure(str(err))
 
@@ -244,6 +250,7 @@ class ShardLoader:
         image_size: int | None = None,
         start_epoch: int = 0,
         start_batch: int = 0,
+        pin_memory: bool = False,
     ):
         self.base = str(shards)
         self.manifest = load_manifest(self.base)
@@ -264,6 +271,8 @@ class ShardLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.steps_per_epoch = steps_per_epoch(self.manifest, world_size, batch_size)
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        # Batches in page-locked memory, for non-blocking copies to a GPU.
+        self.pin_memory = pin_memory
 
     def plan(self, epoch: int, rank: int | None = None) -> tuple[list[int], list[int]]:
         """(shard ids, batch sizes) of ``rank`` (default: this rank) in ``epoch``."""
@@ -288,40 +297,56 @@ class ShardLoader:
             seed=self.seed,
             epoch=epoch,
             rank=self.rank,
+            sizes=sizes,
+            skip=skip,
         )
-        items = iter(
+        parts = iter(
             torch.utils.data.DataLoader(
                 stream,
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=loader_worker_init,
+                pin_memory=self.pin_memory,
             )
         )
-        skipped: list[int] = []
+        # Every worker hands over one part per batch, in turn (the DataLoader's round robin).
+        workers = max(1, self.num_workers)
+        shape = (3, self.image_size, self.image_size)
+        skipped: list[np.ndarray] = []
         for index, size in enumerate(sizes):
-            rows, images = [], []
-            for _ in range(size):
-                item = next(items, None)
-                if isinstance(item, _Failure):
-                    raise ShardDecodeError(item.message)
-                if item is None:
-                    raise ShardDecodeError(
-                        f"the shards of rank {self.rank} in epoch {epoch} ran out early"
-                    )
-                if index >= skip:
-                    rows.append(item[0])
-                    images.append(item[1])
-                else:
-                    skipped.append(item[0])
-            if index >= skip:
-                done = torch.tensor(skipped, dtype=torch.int64) if index == skip and skip else None
-                yield Batch(torch.stack(images), torch.tensor(rows), epoch, index, done)
-        leftover = next(items, None)
+            got = [self._next_part(parts, epoch) for _ in range(workers)]
+            if any(part.index != index for part in got):
+                raise ShardDecodeError(f"the loader workers of rank {self.rank} fell out of step")
+            got = [part for part in got if part.rows.size]
+            if len(got) == 1:  # one worker filled the whole batch, in order
+                rows, images = got[0].rows, got[0].images
+            else:
+                rows = np.empty(size, dtype=np.int64)
+                for part in got:
+                    rows[part.slots] = part.rows
+            if index < skip:
+                skipped.append(rows)
+                continue
+            if len(got) > 1:
+                images = torch.empty((size, *shape), pin_memory=self.pin_memory)
+                for part in got:
+                    images[torch.from_numpy(part.slots)] = part.images
+            done = torch.from_numpy(np.concatenate(skipped)) if index == skip and skip else None
+            yield Batch(images, torch.from_numpy(rows), epoch, index, done)
+        leftover = next(parts, None)
         if isinstance(leftover, _Failure):
             raise ShardDecodeError(leftover.message)
         if leftover is not None:
             raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
+
+    def _next_part(self, parts, epoch: int) -> _Part:
+        part = next(parts, None)
+        if isinstance(part, _Failure):
+            raise ShardDecodeError(part.message)
+        if part is None:
+            raise ShardDecodeError(f"the shards of rank {self.rank} in epoch {epoch} ran out early")
+        return part
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip = self.start_epoch, self.start_batch

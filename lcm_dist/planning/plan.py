@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lcm_dist.config import RunConfig
-from lcm_dist.data.loader import shards_for_rank, steps_per_epoch
+from lcm_dist.data.plan import shards_for_rank, steps_per_epoch
 from lcm_dist.latents.cache import min_cache_bytes
 from lcm_dist.latents.layout import num_chunks
 from lcm_dist.latents.run_store import rows_per_chunk_for

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcm_dist.config import RunConfig
-from lcm_dist.data.loader import batch_sizes, chunk_need_order, shards_for_rank, steps_per_epoch
+from lcm_dist.data.plan import batch_sizes, chunk_need_order, shards_for_rank, steps_per_epoch
 from lcm_dist.latents.cache import WriteBackCache
 from lcm_dist.latents.store import IOCounters, chunk_bounds, num_chunks
 

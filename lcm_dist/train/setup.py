@@ -16,7 +16,8 @@ import torch
 
 from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig, config_to_dict
-from lcm_dist.data.loader import ShardLoader, chunk_need_order
+from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.latents.cache import WriteBackCache, min_cache_bytes
 from lcm_dist.latents.run_store import open_run_store, resolve_url
@@ -32,6 +33,10 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     ds.setdefault("gradient_accumulation_steps", 1)
     # DeepSpeed prints a line every steps_per_print optimizer steps; the run has its own logs.
     ds.setdefault("steps_per_print", 2**31 - 1)
+    # No gradient clipping unless the config asks for it (the model is trained without it):
+    # DeepSpeed's own default (1.0 in current releases, 0 in older ones) would clip silently,
+    # and costs a gradient-norm pass over every parameter each step.
+    ds.setdefault("gradient_clipping", 0.0)
     zero = dict(ds.get("zero_optimization", {}))
     if zero.get("stage", 0) >= 1:
         if "zero_allow_untested_optimizer" not in ds:
@@ -268,11 +273,25 @@ def start_position(cfg: RunConfig, engine, commit: checkpoint.Commit | None):
     return commit.state["step"] + 1, epoch, batch, note
 
 
+def skip_lone_allreduce(engine) -> None:
+    """In a single process without ZeRO, DeepSpeed's gradient all-reduce is an identity that
+    still flattens every gradient into a bucket, reduces it and copies it back each step:
+    turn it off (DeepSpeed does the same when it has no communication backend). Under ZeRO
+    the reduction also partitions the gradients for the optimizer, so it stays."""
+    if distributed.world_size() == 1 and not engine.zero_optimization():
+        engine.enable_backward_allreduce = False
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without blocking the host: via pinned memory on a GPU."""
+    """Host -> device without blocking the host: a non-blocking copy from page-locked memory
+    on a GPU (the loader's batches arrive pinned by its pin-memory thread; anything else is
+    staged through PyTorch's pinned host cache, which keeps the buffer until the copy ends).
+    On a CPU the tensor itself."""
     if device.type != "cuda":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def next_batch(batches, latents, loader, cfg, epoch):

@@ -61,6 +61,7 @@ class Trainer:
             model_parameters=generator.parameters(),
             config=run_setup.deepspeed_config(cfg),
         )
+        run_setup.skip_lone_allreduce(self.engine)
         # Read checkpoints back without unpickling arbitrary objects.
         self.engine.checkpoint_engine = checkpoint.SafeCheckpointEngine(self.engine._config)
         self.start_step, epoch, batch, resumed = run_setup.start_position(cfg, self.engine, commit)
@@ -112,6 +113,7 @@ class Trainer:
             image_size=cfg.model.image_size,
             start_epoch=epoch,
             start_batch=batch,
+            pin_memory=device.type == "cuda",
         )
         self._batches = iter(self.loader)
         self.epoch: int | None = None

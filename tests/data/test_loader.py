@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lcm_dist.data.loader import ShardDecodeError, ShardLoader, batch_sizes, shards_for_rank
+from lcm_dist.data.loader import ShardDecodeError, ShardLoader
+from lcm_dist.data.plan import batch_sizes, shards_for_rank
 from lcm_dist.data.shards import write_shards
 
 SIZE = 8

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lcm_dist.data.loader import ShardLoader, chunk_need_order
+from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import write_shards
 from lcm_dist.latents.cache import StoreIOError, WriteBackCache
 from lcm_dist.latents.store import LatentStore

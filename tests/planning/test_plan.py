@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from lcm_dist.config import config_from_dict, load_config
-from lcm_dist.data.loader import (
-    ShardLoader,
-    batch_sizes,
-    chunk_need_order,
-    shards_for_rank,
-    steps_per_epoch,
-)
+from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.plan import batch_sizes, chunk_need_order, shards_for_rank, steps_per_epoch
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.latents.cache import WriteBackCache
 from lcm_dist.latents.store import IOCounters
