@@ -194,6 +194,12 @@ class Trainer:
                 out["perf/mfu"] = tflops / self.cfg.log.accelerator_tflops
         return out
 
+    def close_loader(self) -> None:
+        """End the batch stream (and with it the loader's worker processes); idempotent."""
+        batches = getattr(self, "_batches", None)
+        if batches is not None:
+            batches.close()
+
     def close(self, step: int) -> None:
         if self.trace is not None:
             self.trace.generator(step, self.engine.module)

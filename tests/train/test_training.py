@@ -112,6 +112,24 @@ def test_nan_loss_stops_with_one_line(tmp_path, demo_shards, cli):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_failed_run_stops_its_loader_workers_at_once(tmp_path, demo_shards):
+    """The workers ignore SIGTERM, and an error's traceback keeps the run's frames (and its
+    loader) alive: unless the run ends its batch stream itself, they outlive the failure and
+    the interpreter waits for them at exit."""
+    import multiprocessing
+
+    from lcm_dist.config import load_config
+    from lcm_dist.train.loop import NonFiniteLossError, train
+    from tests.helpers import process_state
+
+    path = run_config(tmp_path, demo_shards, train={"lr_phi": 1e38}, data={"num_workers": 2})
+    with process_state():
+        with pytest.raises(NonFiniteLossError) as failure:
+            train(load_config(path))
+        assert failure.traceback  # the frames that hold the trainer are still referenced
+        assert multiprocessing.active_children() == []
+
+
 LAUNCHERS = {
     "torchrun": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
     "deepspeed": [PYTHON, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2"],
