@@ -101,7 +101,8 @@ def initial_phi(cfg: ModelConfig) -> torch.Tensor:
     draw their weights in order, the normalisations draw nothing), computed from a private
     generator so that the global random state is untouched."""
     gen = torch.Generator().manual_seed(cfg.phi_init_seed)
-    net = LatentNet(cfg)
+    with torch.random.fork_rng(devices=[]):  # building the net draws its default init
+        net = LatentNet(cfg)
     with torch.no_grad():
         for layer in net.net:
             if isinstance(layer, nn.Conv2d):

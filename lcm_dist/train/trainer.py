@@ -31,7 +31,6 @@ class Trainer:
         run_setup.set_threads()
         self.rank, world = distributed.rank(), distributed.world_size()
         self.device = device = distributed.device()
-        torch.manual_seed(cfg.train.seed + self.rank)
         if cfg.train.deterministic:
             if device.type == "cuda":
                 # cuBLAS is deterministic only with a fixed workspace; the generator's bilinear
@@ -52,7 +51,10 @@ class Trainer:
 
         # Models. phi and the latent nets stay fp32 whatever precision DeepSpeed gives the
         # generator: the latent net's output is cast to the generator's dtype, and the gradient
-        # flows back through that cast into fp32 phi.
+        # flows back through that cast into fp32 phi. Seeded right before the models, so
+        # that nothing done before (which may differ between a fresh start and a restart before
+        # the first commit, such as creating the store) can change their initialisation.
+        torch.manual_seed(cfg.train.seed + self.rank)
         self.latent_net = BatchedLatentNet(cfg.model).to(device)
         generator = Generator(cfg.model)
         num_parameters = count_parameters(generator)  # before ZeRO-3 partitions them

@@ -115,3 +115,16 @@ def test_clamp_touches_only_conv_weights():
     phi = torch.full((1, layout.size), -3.0)
     clamp_phi_(phi, mask, cfg.clamp)
     assert torch.all(phi[:, mask] == -cfg.clamp)
+
+
+def test_initial_phi_leaves_the_global_random_state_alone():
+    """Creating a store computes initial_phi, opening one does not: if it drew from the global
+    random state, a run restarted before its first commit would initialise its generator
+    differently from a fresh one."""
+    from lcm_dist.config import model_from_dict
+    from lcm_dist.model.latent_net import initial_phi
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state().clone()
+    initial_phi(model_from_dict({"preset": "demo32"}))
+    assert torch.equal(before, torch.get_rng_state())
