@@ -32,19 +32,9 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, demo_shards)
     assert code == 0, out[-3000:]
 
     crashed = resume_config(tmp_path, demo_shards, "crashed")
-    # Kills at random instants once training runs (the whole process group, like a lost node)...
-    rng = random.Random(0)
-    for _ in range(2):
-        proc = launch(crashed)
-        for line in proc.stdout:
-            if line.startswith("lcm-dist:"):
-                break
-        time.sleep(rng.uniform(0.2, 1.2))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-    # ...then at chosen instants: mid-checkpoint (engine files written, nothing committed),
-    # right before and right after the commit rename, and inside chunk flushes.
+    # Kills at chosen instants: mid-checkpoint (engine files written, nothing committed), right
+    # before and right after the commit rename, and inside chunk flushes. These come first:
+    # how far they get is the same on any machine, so they never find the run finished...
     for point in [
         "checkpoint.write:1",
         "store.write_chunk:9",
@@ -54,6 +44,18 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, demo_shards)
     ]:
         code, out = run(crashed, env={"LCM_DIST_CRASH_AT": point})
         assert code == -signal.SIGKILL, f"{point} did not crash the run:\n{out[-2000:]}"
+    # ...then at random instants once training runs (the whole process group, like a lost
+    # node), soon enough that the run has steps left on a fast machine.
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = launch(crashed)
+        for line in proc.stdout:
+            if line.startswith("lcm-dist:"):
+                break
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     code, out = run(crashed)
     assert code == 0, out[-3000:]
     assert "resuming from step-" in out
