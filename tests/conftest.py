@@ -80,7 +80,7 @@ def faulty_s3(s3_server):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, demo64_shards):
     """The suite's one trained run, for every test that only reads a run's outputs: 16 steps
-    of the ``demo64`` model (one epoch: every row trained) with a checkpoint at step 8, loss
+    of 8 inner steps of the ``demo64`` model (one epoch: every row trained) with a checkpoint at step 8, loss
     logged every 4 steps and reconstructions every 8, trained by ``python launch/train.py`` as
     a user runs it. Not ``demo32``: its generator's 1x1 bottleneck cannot train phi (a batch of
     fresh latents, all equal, has zero BatchNorm variance there). Tests must not change it."""
@@ -89,7 +89,7 @@ def trained_run(tmp_path_factory, demo64_shards):
         tmp,
         demo64_shards,
         model={"preset": "demo64"},
-        train={"max_steps": 16, "inner_steps": 4},
+        train={"max_steps": 16, "inner_steps": 8},
         store={"rows_per_chunk": 8},
         checkpoint={"every_steps": 8},
         log={"every_steps": 4, "image_every_steps": 8},
