@@ -36,11 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lcm_dist.latents.layout import min_cache_bytes
 from lcm_dist.latents.retry import StallWarner, StoreIOError, StoreUnavailableError
 from lcm_dist.latents.store import LatentStore
 
-__all__ = ["StoreIOError", "WriteBackCache", "min_cache_bytes"]
+__all__ = ["StoreIOError", "WriteBackCache"]
 
 
 @dataclass

@@ -139,8 +139,7 @@ def plain_reason(err: Exception) -> str:
     ("permission denied", "no space left on device"), else the error's type and first line."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror[:1].lower() + err.strerror[1:]
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return reason(err)
 
 
 class StoreIOError(RuntimeError):

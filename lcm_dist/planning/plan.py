@@ -20,8 +20,7 @@ import numpy as np
 
 from lcm_dist.config import RunConfig
 from lcm_dist.data.plan import shards_for_rank, steps_per_epoch
-from lcm_dist.latents.cache import min_cache_bytes
-from lcm_dist.latents.layout import num_chunks
+from lcm_dist.latents.layout import min_cache_bytes, num_chunks
 from lcm_dist.latents.run_store import rows_per_chunk_for
 from lcm_dist.planning.cost import (
     Cluster,

@@ -19,7 +19,8 @@ from lcm_dist.config import RunConfig, config_to_dict
 from lcm_dist.data.loader import ShardLoader
 from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import load_manifest
-from lcm_dist.latents.cache import WriteBackCache, min_cache_bytes
+from lcm_dist.latents.cache import WriteBackCache
+from lcm_dist.latents.layout import min_cache_bytes
 from lcm_dist.latents.run_store import open_run_store, resolve_url
 from lcm_dist.latents.table import InMemoryLatentTable
 from lcm_dist.model.latent_net import initial_phi
