@@ -67,18 +67,16 @@ class Batch:
 class _Part:
     """One loader worker's share of one batch, assembled in the worker: its samples' rows and
     images (in its stream order) and the slots they fill in the batch. A worker hands over one
-    part per batch, so a batch costs one round trip per worker instead of one per image."""
+    part per batch, so a batch costs one round trip per worker instead of one per image. The
+    images cross as a NumPy uint8 array, pickled through the DataLoader's pipe: a quarter of
+    float32's bytes, and no shared-memory segment and file descriptor to pass per tensor,
+    which cost about a millisecond per batch; the main process converts them to float."""
 
+    epoch: int
     index: int  # the batch's index in the epoch
     rows: np.ndarray  # (n,) int64
-    images: torch.Tensor | None  # (n, 3, H, W); None in a skipped batch and when n == 0
+    images: np.ndarray | None  # (n, H, W, 3) uint8; None in a skipped batch and when n == 0
     slots: np.ndarray  # (n,) int64 positions in the batch
-
-    def pin_memory(self):
-        """Called by the DataLoader's pin-memory thread (GPU runs only)."""
-        if self.images is not None:
-            self.images = self.images.pin_memory()
-        return self
 
 
 @dataclass
@@ -90,7 +88,8 @@ class _Failure:
 
 
 def decode_sample(sample: dict, url: str, image_size: int, image_format: str) -> tuple:
-    """(row, image tensor) from a raw WebDataset sample; raises ShardDecodeError naming it."""
+    """(row, (H, W, 3) uint8 array) from a raw WebDataset sample; raises ShardDecodeError
+    naming it."""
     key = sample.get("__key__", "?")
     where = f"sample {key} in shard {url}"
     if image_format not in sample or "json" not in sample:
@@ -112,39 +111,26 @@ def decode_sample(sample: dict, url: str, image_size: int, image_format: str) ->
         raise ShardDecodeError(f"{where} is not a decodable {image_format} image") from None
     except (OSError, SyntaxError) as err:
         raise ShardDecodeError(f"{where} cannot be decoded: {err}") from None
-    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-    return row, image
+    return row, array
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's samples for one epoch: (row, image) pairs, shuffled in a bounded window."""
+    """One rank's samples, epoch after epoch from ``first_epoch`` (``epochs`` of them, or
+    without end): each loader worker's share of every batch, its samples shuffled in a bounded
+    window. The first ``skip`` batches of the first epoch are read but not decoded into
+    batches (their rows are still handed over, for the latent cache). One stream serves a whole
+    run, so the loader's worker processes are started once, not every epoch, and read on into
+    the next epoch while the last batches of this one train."""
 
-    def __init__(
-        self,
-        base: str,
-        manifest: dict,
-        shard_ids: list[int],
-        *,
-        image_size: int,
-        shuffle_buffer: int,
-        seed: int,
-        epoch: int,
-        rank: int,
-        sizes: list[int],
-        skip: int = 0,
-    ):
+    def __init__(self, loader: ShardLoader, first_epoch: int, skip: int, epochs: int | None):
         super().__init__()
-        self.base = base
-        self.entries = [manifest["shards"][i] for i in shard_ids]
-        self.image_format = manifest.get("image_format", "png")
-        self.image_size = image_size
-        self.shuffle_buffer = shuffle_buffer
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.sizes, self.skip = sizes, skip
+        self.loader = loader
+        self.first_epoch, self.skip, self.epochs = first_epoch, skip, epochs
 
     def _samples(self, entries: list[dict]) -> Iterator[tuple]:
+        base, size, image_format = self.loader.base, self.loader.image_size, self.loader.format
         for entry in entries:
-            url = join(self.base, entry["name"])
+            url = join(base, entry["name"])
             first, count = entry["first_row"], entry["count"]
             seen = 0
             try:
@@ -157,7 +143,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     handler=wds.reraise_exception,
                 )
                 for sample in dataset:
-                    row, image = decode_sample(sample, url, self.image_size, self.image_format)
+                    row, image = decode_sample(sample, url, size, image_format)
                     if not first <= row < first + count:
                         raise ShardDecodeError(
                             f"sample {sample.get('__key__')} in shard {url} has row {row}, "
@@ -187,9 +173,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         # (random pop), no sample lingers past its window, so a batch's rows come from a bounded
         # run of consecutive rows and the latent cache needs only the chunks of that run.
         block: list[tuple] = []
+        window = max(1, self.loader.shuffle_buffer)
         for item in self._samples(entries):
             block.append(item)
-            if len(block) >= max(1, self.shuffle_buffer):
+            if len(block) >= window:
                 yield from _shuffled(block, rng)
                 block = []
         yield from _shuffled(block, rng)
@@ -197,35 +184,45 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # WebDataset's worker splitter reads the worker id from the DataLoader.
-        entries = list(wds.split_by_worker(self.entries))
-        counts = [sum(e["count"] for e in part) for part in worker_shards(self.entries, workers)]
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        samples = self._block_shuffled(entries, rng)
+        epoch, skip = self.first_epoch, self.skip
         try:
-            for index, slots in enumerate(worker_batch_slots(counts, self.sizes, worker)):
-                rows, images = [], []
-                for _ in range(slots.size):
-                    item = next(samples, None)
-                    if item is None:
-                        raise ShardDecodeError(
-                            f"the shards of rank {self.rank} in epoch {self.epoch} ran out early"
-                        )
-                    rows.append(item[0])
-                    images.append(item[1])
-                keep = index >= self.skip and images
-                yield _Part(
-                    index,
-                    np.asarray(rows, dtype=np.int64),
-                    torch.stack(images) if keep else None,
-                    slots,
-                )
-            if next(samples, None) is not None:
-                raise ShardDecodeError(
-                    f"the shards of rank {self.rank} hold more images than planned"
-                )
-        except ShardDecodeError as err:
+            while self.epochs is None or epoch < self.first_epoch + self.epochs:
+                yield from self._epoch(epoch, skip, worker, workers)
+                epoch, skip = epoch + 1, 0
+        except (ShardDecodeError, ValueError) as err:
             yield _Failure(str(err))
+
+    def _epoch(self, epoch: int, skip: int, worker: int, workers: int) -> Iterator[_Part]:
+        loader, rank = self.loader, self.loader.rank
+        ids, sizes = loader.plan(epoch)
+        shards = [loader.manifest["shards"][i] for i in ids]
+        # WebDataset's worker splitter reads the worker id from the DataLoader.
+        entries = list(wds.split_by_worker(shards))
+        counts = [sum(e["count"] for e in part) for part in worker_shards(shards, workers)]
+        rng = np.random.default_rng([loader.seed, epoch, rank, worker])
+        samples = self._block_shuffled(entries, rng)
+        for index, slots in enumerate(worker_batch_slots(counts, sizes, worker)):
+            rows, images = [], []
+            for _ in range(slots.size):
+                item = next(samples, None)
+                if item is None:
+                    raise ShardDecodeError(
+                        f"the shards of rank {rank} in epoch {epoch} ran out early"
+                    )
+                rows.append(item[0])
+                images.append(item[1])
+            keep = index >= skip and images
+            yield _Part(
+                epoch,
+                index,
+                np.asarray(rows, dtype=np.int64),
+                np.stack(images) if keep else None,
+                slots,
+            )
+        if next(samples, None) is not None:
+            raise ShardDecodeError(
+                f"the shards of rank {rank} in epoch {epoch} hold more images than planned"
+            )
 
 
 def _shuffled(block: list, rng: np.random.Generator) -> list:
@@ -254,6 +251,7 @@ class ShardLoader:
     ):
         self.base = str(shards)
         self.manifest = load_manifest(self.base)
+        self.format = self.manifest.get("image_format", "png")
         self.image_size = image_size or self.manifest["image_size"]
         if self.manifest["image_size"] != self.image_size:
             raise ValueError(
@@ -287,40 +285,49 @@ class ShardLoader:
         return ids, batch_sizes(images, self.steps_per_epoch)
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        ids, sizes = self.plan(epoch)
-        stream = ShardStream(
-            self.base,
-            self.manifest,
-            ids,
-            image_size=self.image_size,
-            shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
-            epoch=epoch,
-            rank=self.rank,
-            sizes=sizes,
-            skip=skip,
-        )
-        parts = iter(
+        """The batches of one epoch, from batch ``skip`` on."""
+        parts = self._parts(epoch, skip, epochs=1)
+        yield from self._batches(parts, epoch, skip)
+        leftover = next(parts, None)
+        if isinstance(leftover, _Failure):
+            raise ShardDecodeError(leftover.message)
+        if leftover is not None:
+            raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches without end, from the start position on, through one stream (one set of
+        worker processes) for the whole run."""
+        epoch, skip = self.start_epoch, self.start_batch
+        parts = self._parts(epoch, skip, epochs=None)
+        while True:
+            yield from self._batches(parts, epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    def _parts(self, epoch: int, skip: int, epochs: int | None) -> Iterator:
+        return iter(
             torch.utils.data.DataLoader(
-                stream,
+                ShardStream(self, epoch, skip, epochs),
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=loader_worker_init,
-                pin_memory=self.pin_memory,
             )
         )
+
+    def _batches(self, parts: Iterator, epoch: int, skip: int) -> Iterator[Batch]:
+        """Assemble one epoch's batches from the workers' parts."""
+        _, sizes = self.plan(epoch)
         # Every worker hands over one part per batch, in turn (the DataLoader's round robin).
         workers = max(1, self.num_workers)
-        shape = (3, self.image_size, self.image_size)
+        side = self.image_size
         skipped: list[np.ndarray] = []
         for index, size in enumerate(sizes):
             got = [self._next_part(parts, epoch) for _ in range(workers)]
-            if any(part.index != index for part in got):
+            if any((part.epoch, part.index) != (epoch, index) for part in got):
                 raise ShardDecodeError(f"the loader workers of rank {self.rank} fell out of step")
             got = [part for part in got if part.rows.size]
             if len(got) == 1:  # one worker filled the whole batch, in order
-                rows, images = got[0].rows, got[0].images
+                rows = got[0].rows
             else:
                 rows = np.empty(size, dtype=np.int64)
                 for part in got:
@@ -328,17 +335,18 @@ class ShardLoader:
             if index < skip:
                 skipped.append(rows)
                 continue
-            if len(got) > 1:
-                images = torch.empty((size, *shape), pin_memory=self.pin_memory)
+            if len(got) == 1:
+                pixels = torch.from_numpy(got[0].images)
+            else:
+                pixels = torch.empty((size, side, side, 3), dtype=torch.uint8)
                 for part in got:
-                    images[torch.from_numpy(part.slots)] = part.images
+                    pixels[torch.from_numpy(part.slots)] = torch.from_numpy(part.images)
+            # (B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]; in page-locked memory for
+            # a non-blocking copy when the run is on a GPU.
+            images = torch.empty((size, 3, side, side), pin_memory=self.pin_memory)
+            images.copy_(pixels.permute(0, 3, 1, 2)).div_(255.0)
             done = torch.from_numpy(np.concatenate(skipped)) if index == skip and skip else None
             yield Batch(images, torch.from_numpy(rows), epoch, index, done)
-        leftover = next(parts, None)
-        if isinstance(leftover, _Failure):
-            raise ShardDecodeError(leftover.message)
-        if leftover is not None:
-            raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
 
     def _next_part(self, parts, epoch: int) -> _Part:
         part = next(parts, None)
@@ -347,9 +355,3 @@ class ShardLoader:
         if part is None:
             raise ShardDecodeError(f"the shards of rank {self.rank} in epoch {epoch} ran out early")
         return part
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, skip = self.start_epoch, self.start_batch
-        while True:
-            yield from self.epoch_batches(epoch, skip)
-            epoch, skip = epoch + 1, 0

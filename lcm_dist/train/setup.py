@@ -285,7 +285,7 @@ def skip_lone_allreduce(engine) -> None:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without blocking the host: a non-blocking copy from page-locked memory
-    on a GPU (the loader's batches arrive pinned by its pin-memory thread; anything else is
+    on a GPU (the loader assembles its batches in page-locked memory; anything else is
     staged through PyTorch's pinned host cache, which keeps the buffer until the copy ends).
     On a CPU the tensor itself."""
     if device.type != "cuda":

@@ -102,6 +102,37 @@ def test_same_seed_same_order_and_start_step_skips(shards):
     assert next(iter(full)).skipped_rows is None
 
 
+def test_a_run_streams_its_epochs_through_one_set_of_workers(shards, monkeypatch):
+    """Iterating a loader gives, epoch after epoch, exactly the batches of each epoch on its
+    own (rows and pixels), also when it starts mid-epoch, while its worker processes are
+    started once for the whole run, not once per epoch."""
+    import lcm_dist.data.loader as loader_module
+
+    kw = dict(batch_size=4, rank=1, world_size=2, seed=7, num_workers=2, shuffle_buffer=6)
+    single = ShardLoader(shards, **kw)
+    steps = single.steps_per_epoch
+    expected = [b for epoch in range(3) for b in single.epoch_batches(epoch)][3:]
+
+    made = []
+    real = torch.utils.data.DataLoader
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("num_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module.torch.utils.data, "DataLoader", counting)
+    stream = iter(ShardLoader(shards, start_batch=3, **kw))
+    got = [next(stream) for _ in range(3 * steps - 3)]
+    stream.close()
+    assert made == [2], "one DataLoader (one set of workers) for the whole run"
+    assert [(b.epoch, b.step_in_epoch) for b in got] == [
+        (b.epoch, b.step_in_epoch) for b in expected
+    ]
+    for ours, theirs in zip(got, expected, strict=True):
+        assert torch.equal(ours.rows, theirs.rows)
+        assert torch.equal(ours.images, theirs.images)
+
+
 def test_batch_sizes_split_evenly():
     assert batch_sizes(10, 3) == [4, 3, 3]
     assert sum(batch_sizes(53, 14)) == 53
