@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from lcm_dist.memory import keep_freed_memory
 from lcm_dist.model.latent_net import clamp_phi_
 from lcm_dist.restore.degrade import Degradation
 from lcm_dist.restore.model import RestorationModel
@@ -64,6 +65,8 @@ def fit_phi(
     interact); phi's conv weights are clamped after every step as in training. The fit runs on
     the model's device; the results come back to the CPU."""
     name, lr = fit_settings(operator.name, optimizer, lr)
+    if model.device.type == "cpu":
+        keep_freed_memory()  # each iteration then reuses the pages the last one freed
     observed, operator = observed.to(model.device), operator.to(model.device)
     b = observed.shape[0]
     phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from lcm_dist import distributed, lifecycle
+from lcm_dist import distributed, lifecycle, memory
 from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
 from lcm_dist.data.loader import ShardLoader
 from lcm_dist.model.generator import Generator, count_parameters
@@ -31,6 +31,8 @@ class Trainer:
         run_setup.set_threads()
         self.rank, world = distributed.rank(), distributed.world_size()
         self.device = device = distributed.device()
+        if device.type == "cpu":
+            memory.keep_freed_memory()  # a step then reuses the pages the last one freed
         if cfg.train.deterministic:
             if device.type == "cuda":
                 # cuBLAS is deterministic only with a fixed workspace; the generator's bilinear
