@@ -1,18 +1,23 @@
-"""Paging latents through the Zarr store vs holding them all in RAM, in one run.
+"""Paging latents through the Zarr store vs holding them all in RAM, in one process.
 
 The demo32 model keeps the paper's latent net (P = 24,448 floats, ~98 KB per image), so the
-bytes moved per image are the real ones. Each configuration trains the same steps on the same
-shards twice, alternating in-RAM and store-backed runs so that machine noise hits both sides;
-the ratio compares the summed step times after a warm-up (DeepSpeed and loader start-up are
-not steps). ``io_amplification`` is (bytes read + written) / (2 x store bytes) over the second
-epoch of the store-backed run: the first epoch reads nothing (every row starts as the initial
-phi).
+bytes moved per image are the real ones. Three trainers of the same config train the same
+steps on the same shards, one step each in turn, so whatever else the machine does hits all
+alike: one with its latents paged through the store (cache budget half the store), then one
+with them in RAM, which takes whatever the store's background work (write-backs, reads ahead)
+costs the machine while it runs on, then another in RAM, clear of it. The ratio compares the
+store's summed step times, plus that cost, with the clear in-RAM trainer's, after a warm-up
+and with the epoch boundaries (where the store writes back and re-reads) included; DeepSpeed
+and loader start-up are not steps. ``io_amplification`` is (bytes read + written) / (2 x store
+bytes) over the second epoch of the store-backed run: the first epoch reads nothing (every row
+starts as the initial phi).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 WARMUP_STEPS = 5
 
@@ -35,11 +40,37 @@ def bench_config(tmp: str, shards: str, name: str, in_ram: bool, inner: int, ste
     )
 
 
+def _interleaved(tmp: str, shards: str, inner: int, steps: int, name: str) -> tuple:
+    """Step times of three trainers stepping in turn: the store-backed one, an in-RAM one right
+    after it, and an in-RAM one clear of the store's background work; and the store trainer's
+    I/O counters at each epoch's end."""
+    from lcm_dist.train.trainer import Trainer
+
+    sides = {"store": False, "after": True, "clean": True}
+    trainers = {
+        side: Trainer(bench_config(tmp, shards, f"{name}-{side}", in_ram, inner, steps))
+        for side, in_ram in sides.items()
+    }
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    try:
+        for step in range(1, steps + 1):
+            for side, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.step(step)
+                seconds[side].append(time.perf_counter() - start)
+        epoch_io = list(trainers["store"].epoch_io)
+    finally:
+        for trainer in trainers.values():
+            trainer.close_loader()
+    for trainer in trainers.values():
+        trainer.close(steps)
+    return seconds, epoch_io
+
+
 def bench_store(images: int = 512, rounds: int = 2) -> dict:
     from lcm_dist.data.demo import random_crops
     from lcm_dist.data.shards import write_shards
     from lcm_dist.model.latent_net import phi_layout
-    from lcm_dist.train.loop import train
 
     steps_per_epoch = images // 16
     result: dict = {"images": images, "phi_size": None, "batch_size": 16}
@@ -48,37 +79,37 @@ def bench_store(images: int = 512, rounds: int = 2) -> dict:
         write_shards(random_crops(images, 32, seed=3), shards, 32, 64, progress=False)
         for inner, key in ((4, "overhead_ratio"), (1, "overhead_ratio_inner1")):
             steps = 2 * steps_per_epoch + 2  # two whole epochs and the start of a third
-            totals = {True: 0.0, False: 0.0}
+            totals = {"store": 0.0, "after": 0.0, "clean": 0.0}
             for r in range(rounds):
-                for in_ram in (True, False):
-                    name = f"{'ram' if in_ram else 'store'}-{inner}-{r}"
-                    cfg = bench_config(tmp, shards, name, in_ram, inner, steps)
-                    run = train(cfg)
-                    totals[in_ram] += sum(run.step_seconds[WARMUP_STEPS:])
-                    if not in_ram and inner == 4 and r == 0:
-                        first, second = run.epoch_io[0], run.epoch_io[1]
-                        moved = (second["store/bytes_read"] - first["store/bytes_read"]) + (
-                            second["store/bytes_written"] - first["store/bytes_written"]
-                        )
-                        P = phi_layout(cfg.model).size
-                        store_bytes = images * P * 4
-                        result["phi_size"] = P
-                        result["store_bytes"] = store_bytes
-                        result["io_amplification"] = round(moved / (2 * store_bytes), 4)
-                        result["io_wait_seconds_inner4"] = round(
-                            run.epoch_io[-1]["store/io_wait_seconds"], 3
-                        )
-                        result["peak_cache_bytes"] = run.epoch_io[-1]["store/peak_resident_bytes"]
-            result[key] = round(totals[False] / totals[True], 4)
-            result[f"step_ms_ram_inner{inner}"] = round(
-                1000 * totals[True] / (rounds * (steps - WARMUP_STEPS)), 2
-            )
-            result[f"step_ms_store_inner{inner}"] = round(
-                1000 * totals[False] / (rounds * (steps - WARMUP_STEPS)), 2
+                seconds, epoch_io = _interleaved(tmp, shards, inner, steps, f"{inner}-{r}")
+                for side in totals:
+                    totals[side] += sum(seconds[side][WARMUP_STEPS:])
+                if inner == 4 and r == 0:
+                    first, second = epoch_io[0], epoch_io[1]
+                    moved = (second["store/bytes_read"] - first["store/bytes_read"]) + (
+                        second["store/bytes_written"] - first["store/bytes_written"]
+                    )
+                    P = phi_layout(bench_config(tmp, shards, "", True, inner, steps).model).size
+                    store_bytes = images * P * 4
+                    result["phi_size"] = P
+                    result["store_bytes"] = store_bytes
+                    result["io_amplification"] = round(moved / (2 * store_bytes), 4)
+                    result["io_wait_seconds_inner4"] = round(
+                        epoch_io[-1]["store/io_wait_seconds"], 3
+                    )
+                    result["peak_cache_bytes"] = epoch_io[-1]["store/peak_resident_bytes"]
+            # The store's background work slows the step after it: charged to the store.
+            charged = totals["store"] + totals["after"] - totals["clean"]
+            result[key] = round(charged / totals["clean"], 4)
+            per_step = rounds * (steps - WARMUP_STEPS) / 1000
+            result[f"step_ms_ram_inner{inner}"] = round(totals["clean"] / per_step, 2)
+            result[f"step_ms_store_inner{inner}"] = round(charged / per_step, 2)
+            result[f"background_ms_inner{inner}"] = round(
+                (totals["after"] - totals["clean"]) / per_step, 2
             )
     result["targets"] = {
-        "overhead_ratio": "<= 1.05",
-        "overhead_ratio_inner1": "<= 1.25",
-        "io_amplification": "<= 1.05",
+        "overhead_ratio": "<= 1.02",
+        "overhead_ratio_inner1": "<= 1.10",
+        "io_amplification": "<= 1.02",
     }
     return result
