@@ -205,6 +205,7 @@ class Trainer:
             batches.close()
 
     def close(self, step: int) -> None:
+        self.close_loader()  # its workers would otherwise keep the process from exiting
         if self.trace is not None:
             self.trace.generator(step, self.engine.module)
         self.epoch_io.append(self.latents.stats())
