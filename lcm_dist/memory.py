@@ -11,8 +11,8 @@ run (``python launch/bench.py step`` runs with it; ``docs/benchmarks.md`` has th
 
 It is applied by the trainer and the restoration fit when they compute on the CPU, only under
 glibc, and not when the environment already sets malloc's parameters (``MALLOC_MMAP_MAX_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) or
-``LCM_KEEP_FREED_MEMORY=0``.
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, a ``glibc.malloc.*`` entry of
+``GLIBC_TUNABLES``) or ``LCM_KEEP_FREED_MEMORY=0``.
 """
 
 from __future__ import annotations
@@ -23,12 +23,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_USER_SETTINGS = (
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "GLIBC_TUNABLES",
-)
+_USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 _applied = False
 
@@ -41,6 +36,8 @@ def keep_freed_memory() -> bool:
     if sys.platform != "linux" or os.environ.get("LCM_KEEP_FREED_MEMORY", "1") == "0":
         return False
     if any(name in os.environ for name in _USER_SETTINGS):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

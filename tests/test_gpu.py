@@ -50,6 +50,17 @@ def test_one_gpu_nccl_training(tmp_path, demo_shards, stage, precision):
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
+def test_batches_reach_the_gpu_as_pinned_uint8_and_equal_the_host_conversion(demo_shards):
+    from lcm_dist.data.loader import ShardLoader, images_on
+
+    loader = ShardLoader(demo_shards, batch_size=8, num_workers=2, pin_memory=True)
+    batch = next(iter(loader))
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.is_pinned()
+    on_gpu = images_on(batch.pixels, torch.device("cuda"))
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    assert torch.equal(on_gpu.cpu(), batch.images)
+
+
 def test_gpu_run_killed_mid_checkpoint_resumes(tmp_path, demo_shards):
     """Killed inside its second checkpoint, the run resumes from the first. (Not compared
     bitwise with an uninterrupted run: bilinear upsampling's CUDA backward uses atomics.)"""

@@ -58,7 +58,8 @@ def _interleaved(tmp: str, shards: str, inner: int, steps: int, name: str) -> tu
                 start = time.perf_counter()
                 trainer.step(step)
                 seconds[side].append(time.perf_counter() - start)
-        epoch_io = list(trainers["store"].epoch_io)
+        # Each epoch's end, and the run's end (its last steps are in no finished epoch).
+        epoch_io = [*trainers["store"].epoch_io, trainers["store"].latents.stats()]
     finally:
         for trainer in trainers.values():
             trainer.close_loader()

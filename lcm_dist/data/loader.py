@@ -53,7 +53,7 @@ class ShardDecodeError(ValueError):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1]
+    pixels: torch.Tensor  # (B, H, W, 3) uint8, as decoded; in page-locked memory on GPU runs
     rows: torch.Tensor  # (B,) int64 global row indices
     epoch: int
     step_in_epoch: int  # 0-based index of this batch within its epoch
@@ -61,6 +61,21 @@ class Batch:
     """On the first batch of a resumed epoch: the rows of the batches skipped before it (the
     ones the interrupted run already trained on this epoch), so the latent cache need not read
     their chunks again."""
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [0, 1], on the host (``images_on`` puts them on a device)."""
+        return images_on(self.pixels, torch.device("cpu"))
+
+
+def images_on(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 pixels -> (B, 3, H, W) float32 in [0, 1] on ``device``. To a GPU the
+    uint8 pixels go (a quarter of float32's bytes, without blocking the host when they are
+    pinned) and are converted there; on the CPU they are converted in place of the copy."""
+    if device.type != "cpu":
+        pixels = pixels.to(device, non_blocking=pixels.is_pinned())
+    images = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), device=device)
+    return images.copy_(pixels.permute(0, 3, 1, 2)).div_(255.0)
 
 
 @dataclass
@@ -70,7 +85,8 @@ class _Part:
     part per batch, so a batch costs one round trip per worker instead of one per image. The
     images cross as a NumPy uint8 array, pickled through the DataLoader's pipe: a quarter of
     float32's bytes, and no shared-memory segment and file descriptor to pass per tensor,
-    which cost about a millisecond per batch; the main process converts them to float."""
+    which cost about 0.7 ms per batch; they are converted to float where the batch is used
+    (``images_on``), on the GPU in a GPU run."""
 
     epoch: int
     index: int  # the batch's index in the epoch
@@ -225,6 +241,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
 
 
+def _shut_down(parts) -> None:
+    """Stop a DataLoader iterator's worker processes now. Left to garbage collection they live
+    as long as anything references the iterator, such as the traceback of an error raised
+    while reading from it, and they ignore SIGTERM (``lifecycle.loader_worker_init``), so a
+    process whose error escaped would wait for them at exit for ever."""
+    shut_down = getattr(parts, "_shutdown_workers", None)  # absent without workers
+    if shut_down is not None:
+        shut_down()
+
+
 def _shuffled(block: list, rng: np.random.Generator) -> list:
     return [block[i] for i in rng.permutation(len(block))]
 
@@ -287,21 +313,29 @@ class ShardLoader:
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, from batch ``skip`` on."""
         parts = self._parts(epoch, skip, epochs=1)
-        yield from self._batches(parts, epoch, skip)
-        leftover = next(parts, None)
-        if isinstance(leftover, _Failure):
-            raise ShardDecodeError(leftover.message)
-        if leftover is not None:
-            raise ShardDecodeError(f"the shards of rank {self.rank} hold more images than planned")
+        try:
+            yield from self._batches(parts, epoch, skip)
+            leftover = next(parts, None)
+            if isinstance(leftover, _Failure):
+                raise ShardDecodeError(leftover.message)
+            if leftover is not None:
+                raise ShardDecodeError(
+                    f"the shards of rank {self.rank} hold more images than planned"
+                )
+        finally:
+            _shut_down(parts)
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches without end, from the start position on, through one stream (one set of
         worker processes) for the whole run."""
         epoch, skip = self.start_epoch, self.start_batch
         parts = self._parts(epoch, skip, epochs=None)
-        while True:
-            yield from self._batches(parts, epoch, skip)
-            epoch, skip = epoch + 1, 0
+        try:
+            while True:
+                yield from self._batches(parts, epoch, skip)
+                epoch, skip = epoch + 1, 0
+        finally:
+            _shut_down(parts)
 
     def _parts(self, epoch: int, skip: int, epochs: int | None) -> Iterator:
         return iter(
@@ -335,18 +369,16 @@ class ShardLoader:
             if index < skip:
                 skipped.append(rows)
                 continue
-            if len(got) == 1:
+            if len(got) == 1 and not self.pin_memory:
                 pixels = torch.from_numpy(got[0].images)
-            else:
-                pixels = torch.empty((size, side, side, 3), dtype=torch.uint8)
+            else:  # page-locked on GPU runs, for a non-blocking copy to the device
+                pixels = torch.empty(
+                    (size, side, side, 3), dtype=torch.uint8, pin_memory=self.pin_memory
+                )
                 for part in got:
                     pixels[torch.from_numpy(part.slots)] = torch.from_numpy(part.images)
-            # (B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]; in page-locked memory for
-            # a non-blocking copy when the run is on a GPU.
-            images = torch.empty((size, 3, side, side), pin_memory=self.pin_memory)
-            images.copy_(pixels.permute(0, 3, 1, 2)).div_(255.0)
             done = torch.from_numpy(np.concatenate(skipped)) if index == skip and skip else None
-            yield Batch(images, torch.from_numpy(rows), epoch, index, done)
+            yield Batch(pixels, torch.from_numpy(rows), epoch, index, done)
 
     def _next_part(self, parts, epoch: int) -> _Part:
         part = next(parts, None)

@@ -285,8 +285,8 @@ def skip_lone_allreduce(engine) -> None:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without blocking the host: a non-blocking copy from page-locked memory
-    on a GPU (the loader assembles its batches in page-locked memory; anything else is
-    staged through PyTorch's pinned host cache, which keeps the buffer until the copy ends).
+    on a GPU (a tensor not page-locked is staged through PyTorch's pinned host cache, which
+    keeps the buffer until the copy ends).
     On a CPU the tensor itself."""
     if device.type != "cuda":
         return t

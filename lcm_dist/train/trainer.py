@@ -9,7 +9,7 @@ import torch
 
 from lcm_dist import distributed, lifecycle, memory
 from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
-from lcm_dist.data.loader import ShardLoader
+from lcm_dist.data.loader import ShardLoader, images_on
 from lcm_dist.model.generator import Generator, count_parameters
 from lcm_dist.model.latent_net import BatchedLatentNet, phi_layout
 from lcm_dist.train import checkpoint
@@ -137,7 +137,7 @@ class Trainer:
         if ended is not None:
             self.epoch_io.append(ended)
         self.epoch, rows = batch.epoch, batch.rows
-        images = run_setup.to_device(batch.images, self.device)
+        images = images_on(batch.pixels, self.device)
         phi = run_setup.to_device(phi_host, self.device).requires_grad_(True)
         terms, output, bad = fit_batch(
             self.engine,

@@ -102,16 +102,18 @@ def test_same_seed_same_order_and_start_step_skips(shards):
     assert next(iter(full)).skipped_rows is None
 
 
-def test_a_run_streams_its_epochs_through_one_set_of_workers(shards, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_streams_its_epochs_through_one_set_of_workers(shards, monkeypatch, workers):
     """Iterating a loader gives, epoch after epoch, exactly the batches of each epoch on its
     own (rows and pixels), also when it starts mid-epoch, while its worker processes are
     started once for the whole run, not once per epoch."""
     import lcm_dist.data.loader as loader_module
 
-    kw = dict(batch_size=4, rank=1, world_size=2, seed=7, num_workers=2, shuffle_buffer=6)
+    kw = dict(batch_size=4, rank=1, world_size=2, seed=7, num_workers=workers, shuffle_buffer=6)
     single = ShardLoader(shards, **kw)
     steps = single.steps_per_epoch
-    expected = [b for epoch in range(3) for b in single.epoch_batches(epoch)][3:]
+    every = [b for epoch in range(3) for b in single.epoch_batches(epoch)]
+    expected = every[3:]
 
     made = []
     real = torch.utils.data.DataLoader
@@ -124,13 +126,66 @@ def test_a_run_streams_its_epochs_through_one_set_of_workers(shards, monkeypatch
     stream = iter(ShardLoader(shards, start_batch=3, **kw))
     got = [next(stream) for _ in range(3 * steps - 3)]
     stream.close()
-    assert made == [2], "one DataLoader (one set of workers) for the whole run"
+    assert made == [workers], "one DataLoader (one set of workers) for the whole run"
     assert [(b.epoch, b.step_in_epoch) for b in got] == [
         (b.epoch, b.step_in_epoch) for b in expected
     ]
     for ours, theirs in zip(got, expected, strict=True):
         assert torch.equal(ours.rows, theirs.rows)
-        assert torch.equal(ours.images, theirs.images)
+        assert torch.equal(ours.pixels, theirs.pixels)
+    skipped = sorted(torch.cat([b.rows for b in every[:3]]).tolist())
+    assert sorted(got[0].skipped_rows.tolist()) == skipped
+    assert all(b.skipped_rows is None for b in got[1:])
+
+
+def _broken_in_epoch_1(tmp_path, shards) -> str:
+    """A copy of the shards in which a shard that rank 0 of 2 reads in epoch 1, but not in
+    epoch 0, is truncated; returns its name."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    later = set(shards_for_rank(11, 7, 1, 0, 2)) - set(shards_for_rank(11, 7, 0, 0, 2))
+    name = f"shard-{min(later):06d}.tar"
+    path = folder / name
+    path.write_bytes(path.read_bytes()[:1600])
+    return folder, name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_in_a_later_epoch_comes_after_this_epoch(tmp_path, shards, workers):
+    """The workers read on into the next epoch; a broken shard there stops the run only once
+    the batches of this epoch have all been delivered, with the error naming the shard."""
+    folder, name = _broken_in_epoch_1(tmp_path, shards)
+    loader = ShardLoader(
+        folder, batch_size=4, world_size=2, seed=7, num_workers=workers, shuffle_buffer=6
+    )
+    stream = iter(loader)
+    for i in range(loader.steps_per_epoch):
+        assert next(stream).epoch == 0, i
+    with pytest.raises(ShardDecodeError, match=name):
+        next(stream)
+
+
+def test_a_loader_error_that_escapes_does_not_keep_the_process_alive(tmp_path, shards):
+    """The workers ignore SIGTERM; an error's traceback must not keep them (and so the
+    process, at exit) alive."""
+    import subprocess
+    import sys
+
+    folder, _ = _broken_in_epoch_1(tmp_path, shards)
+    script = (
+        "from lcm_dist.data.loader import ShardLoader\n"
+        f"loader = ShardLoader({str(folder)!r}, batch_size=4, world_size=2, seed=7, "
+        "num_workers=2, shuffle_buffer=6)\n"
+        "for batch in loader:\n"
+        "    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "ShardDecodeError" in done.stderr
 
 
 def test_batch_sizes_split_evenly():
