@@ -9,8 +9,8 @@ step at 4 inner steps, about a quarter of the step's time. Telling malloc to kee
 ~0 faults, the step 25% faster, for about 130 MB more resident memory that stays flat over a
 run (``python launch/bench.py step`` runs with it; ``docs/benchmarks.md`` has the numbers).
 
-It is applied by the trainer and the restoration fit when they compute on the CPU, only under
-glibc, and not when the environment already sets malloc's parameters (``MALLOC_MMAP_MAX_``,
+The trainer and the restoration fit call it with their device: it applies on the CPU, only
+under glibc, and not when the environment already sets malloc's parameters (``MALLOC_MMAP_MAX_``,
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, a ``glibc.malloc.*`` entry of
 ``GLIBC_TUNABLES``) or ``LCM_KEEP_FREED_MEMORY=0``.
 """
@@ -28,9 +28,13 @@ _USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THR
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory in the process; True if it is (now) set."""
+def keep_freed_memory(device=None) -> bool:
+    """Set glibc's malloc to keep freed memory in the process when ``device`` (a
+    ``torch.device``; default: the CPU) computes on the CPU; True if it is (now) set. On an
+    accelerator the step's tensors are not in host memory: nothing is changed."""
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied:
         return True
     if sys.platform != "linux" or os.environ.get("LCM_KEEP_FREED_MEMORY", "1") == "0":

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = """
 import resource, statistics, torch
@@ -57,3 +58,11 @@ def test_malloc_settings_from_the_environment_win(env):
     default, applied, kept = _probe(env)
     assert not applied
     assert kept > 10_000
+
+
+def test_an_accelerator_run_leaves_malloc_alone(monkeypatch):
+    import lcm_dist.memory as memory
+
+    monkeypatch.setattr(memory, "_applied", False)
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: pytest.fail("malloc was touched"))
+    assert memory.keep_freed_memory(torch.device("cuda")) is False

@@ -65,8 +65,7 @@ def fit_phi(
     interact); phi's conv weights are clamped after every step as in training. The fit runs on
     the model's device; the results come back to the CPU."""
     name, lr = fit_settings(operator.name, optimizer, lr)
-    if model.device.type == "cpu":
-        keep_freed_memory()  # each iteration then reuses the pages the last one freed
+    keep_freed_memory(model.device)  # on the CPU an iteration reuses the pages the last freed
     observed, operator = observed.to(model.device), operator.to(model.device)
     b = observed.shape[0]
     phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)

@@ -31,8 +31,7 @@ class Trainer:
         run_setup.set_threads()
         self.rank, world = distributed.rank(), distributed.world_size()
         self.device = device = distributed.device()
-        if device.type == "cpu":
-            memory.keep_freed_memory()  # a step then reuses the pages the last one freed
+        memory.keep_freed_memory(device)  # on the CPU a step reuses the pages the last freed
         if cfg.train.deterministic:
             if device.type == "cuda":
                 # cuBLAS is deterministic only with a fixed workspace; the generator's bilinear
