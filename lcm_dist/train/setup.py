@@ -171,6 +171,8 @@ def commit_checkpoint(
     """Flush the latents, save everything and commit it; then the store's committed slots
     follow the checkpoint's."""
     latents.flush()
+    if isinstance(latents, WriteBackCache):
+        latents.store.sync()  # this process's chunk writes reach the disk before the commit
     share_latent_slots(latents)
     slots = latents.store.live if isinstance(latents, WriteBackCache) else None
     state = {
