@@ -235,7 +235,10 @@ def store_options(url: str, options: dict | None) -> dict | None:
     """The fsspec options to open ``url`` with: for s3:// the user's, plus connect and read
     timeouts (``S3_TIMEOUTS``) and no botocore-level retries where the user gives none of
     their own, so that one attempt cannot hang and ``RetryPolicy`` alone decides how long
-    to keep trying. Other URLs: the user's options unchanged."""
+    to keep trying. file:// makes missing directories, as a plain path does (fsspec's local
+    filesystem does not by default). Other URLs: the user's options unchanged."""
+    if url.startswith("file://"):
+        return {"auto_mkdir": True, **(options or {})}
     if not url.startswith(("s3://", "s3a://")):
         return options or None
     options = dict(options or {})

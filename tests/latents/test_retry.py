@@ -141,6 +141,8 @@ def test_s3_options_get_timeouts_unless_given():
     assert mine == {"config_kwargs": {"read_timeout": 60, "retries": {"max_attempts": 3}}}
     assert store_options("/data/latents.zarr", {"auto_mkdir": True}) == {"auto_mkdir": True}
     assert store_options("memory://x", {}) is None
+    assert store_options("file:///data/l.zarr", None) == {"auto_mkdir": True}
+    assert store_options("file:///data/l.zarr", {"auto_mkdir": False}) == {"auto_mkdir": False}
 
 
 def make_store(url, options, retry=None, rows=16):
