@@ -28,6 +28,7 @@ the retries run out the step raises ``StoreIOError`` and no further I/O is start
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,18 @@ from lcm_dist.latents.retry import StallWarner, StoreIOError, StoreUnavailableEr
 from lcm_dist.latents.store import LatentStore
 
 __all__ = ["StoreIOError", "WriteBackCache"]
+
+IO_NICENESS = 10
+
+
+def _yield_to_compute() -> None:
+    """Lower this I/O thread's scheduling priority (Linux: nice is per thread), so that when
+    every core computes, the step's threads run first and the reads and writes ahead of the
+    step fill the gaps. They still progress: a step that waits on them leaves its cores idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
 
 
 @dataclass
@@ -78,7 +91,9 @@ class WriteBackCache:
                 f"({self.chunk_bytes} bytes); raise it or lower store.rows_per_chunk"
             )
         self.prefetch_chunks = prefetch_chunks
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="latent-io")
+        self._pool = ThreadPoolExecutor(
+            io_threads, thread_name_prefix="latent-io", initializer=_yield_to_compute
+        )
         self._cond = threading.Condition()
         self._entries: dict[int, _Entry] = {}
         self._resident = 0
