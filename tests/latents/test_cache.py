@@ -241,3 +241,18 @@ def test_two_ranks_disjoint_chunks_every_row_once_per_epoch(tmp_path, shards):
         assert a | b == set(range(11))
     stored = LatentStore.open(url).read_rows(range(42))
     np.testing.assert_array_equal(stored, np.tile(INITIAL.numpy() + 2.0, (42, 1)))
+
+
+def test_io_threads_yield_to_the_step(tmp_path):
+    import os
+
+    from lcm_dist.latents.cache import IO_NICENESS
+
+    cache = WriteBackCache(new_store(str(tmp_path / "s.zarr"), rows=8), 1 << 20, 2, 4)
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        theirs = cache._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result()
+        assert theirs == min(mine + IO_NICENESS, 19)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the step's thread is untouched
+    finally:
+        cache.close()
