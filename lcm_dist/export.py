@@ -229,6 +229,15 @@ def export_run(
             bar.update(stop - start)
     if bar is not None:
         bar.close()
+    # A run still training may have committed since: after a new commit it writes into the
+    # slots this export read (shadow paging alternates them), so the rows may be a mix.
+    latest = checkpoint.find_latest(run)
+    if latest is None or latest.tag != commit.tag:
+        raise ExportError(
+            f"the run in {run} committed {latest.tag if latest else 'nothing'} while this "
+            f"export copied the latents of {commit.tag}, and may have rewritten some of them; "
+            "export again after it stops (or right after a checkpoint)"
+        )
 
     weights = (commit.folder / GENERATOR_FILE).read_bytes()
 

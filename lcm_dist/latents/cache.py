@@ -43,15 +43,22 @@ from lcm_dist.latents.store import LatentStore
 __all__ = ["StoreIOError", "WriteBackCache"]
 
 IO_NICENESS = 10
+"""How many nice levels the I/O threads drop below the process when the CPU computes the step
+(``io_niceness``); on a GPU node the cores the threads compete with are the loader's, which the
+step waits for as much as for the store, so there they keep the process's priority."""
 
 
-def _yield_to_compute() -> None:
-    """Lower this I/O thread's scheduling priority (Linux: nice is per thread), so that when
-    every core computes, the step's threads run first and the reads and writes ahead of the
-    step fill the gaps. They still progress: a step that waits on them leaves its cores idle."""
+def _lower_priority(by: int) -> None:
+    """Lower this I/O thread's scheduling priority by ``by`` nice levels (Linux: nice is per
+    thread), so that when every core computes, the step's threads run first and the reads and
+    writes ahead of the step fill the gaps. They still progress: a step that waits on them
+    leaves its cores idle."""
+    if by <= 0:
+        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + by, 19))
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the same priority
         pass
 
 
@@ -75,6 +82,7 @@ class WriteBackCache:
         io_threads: int = 2,
         prefetch_chunks: int = 64,
         stall_warning_seconds: float | None = None,
+        io_niceness: int = 0,
     ):
         self.store = store
         self._stall = StallWarner(
@@ -92,7 +100,10 @@ class WriteBackCache:
             )
         self.prefetch_chunks = prefetch_chunks
         self._pool = ThreadPoolExecutor(
-            io_threads, thread_name_prefix="latent-io", initializer=_yield_to_compute
+            io_threads,
+            thread_name_prefix="latent-io",
+            initializer=_lower_priority,
+            initargs=(io_niceness,),
         )
         self._cond = threading.Condition()
         self._entries: dict[int, _Entry] = {}

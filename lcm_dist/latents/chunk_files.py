@@ -16,15 +16,23 @@ padded to the full chunk shape with the fill value): a store stays a plain Zarr 
 the tests check both directions against zarr itself. Compressed arrays and every other
 filesystem (s3://, gcs://, memory://, ...) go through zarr.
 
-Writing in place also lets the store make its writes durable before a checkpoint commits them:
-``sync`` fsyncs the files written since the last ``sync`` (and the directories new ones were
-created in), so a committed slot table never points at chunk data still in the page cache.
+``sync`` makes the writes durable before a checkpoint commits them, so a committed slot table
+never points at chunk data still in the page cache: it fsyncs every chunk file written since
+the last ``sync`` (``fdatasync`` for a full-size file overwritten in place, whose metadata did
+not change), and the directory of each file this process created, or wrote for the first time
+(a previous process may have died before syncing its entry), or that zarr renamed into place
+(compressed arrays). A failed fsync is not retried: once the kernel has reported it, a second
+fsync can succeed with the data lost, so the checkpoint fails and the previous one stands.
+
+A local store is a local filesystem to the kernel; on NFS the in-place writes rely on its
+close-to-open consistency (the default; not ``nocto``).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +54,20 @@ def _local_root(store) -> Path | None:
 
 
 class LocalChunkFiles:
-    """The chunk files of one 2-D Zarr v3 array whose chunks span whole rows."""
+    """The chunk files of one 2-D Zarr v3 array on a local disk whose chunks span whole rows.
+    ``direct``: uncompressed, so ``read`` and ``write`` do the I/O; otherwise zarr does it and
+    ``written`` records what it wrote, for ``sync``."""
 
     def __init__(self, directory: Path, array):
+        from zarr.codecs import BytesCodec
+
         meta = array.metadata
+        codecs = tuple(meta.codecs)
+        self.direct = (
+            len(codecs) == 1
+            and isinstance(codecs[0], BytesCodec)
+            and getattr(codecs[0].endian, "value", None) in ("little", None)
+        )
         self.directory = directory
         self.chunk_shape = tuple(meta.chunk_grid.chunk_shape)
         self.dtype = np.dtype(meta.dtype.to_native_dtype()).newbyteorder("<")
@@ -57,22 +75,14 @@ class LocalChunkFiles:
         self.fill_value = meta.fill_value
         self._key = meta.encode_chunk_key
         self._lock = threading.Lock()
-        self._unsynced: set[Path] = set()
-        self._new_dirs: set[Path] = set()
+        self._unsynced: dict[str, bool] = {}  # path -> its metadata changed (fsync, not fdatasync)
+        self._dirs: set[str] = set()  # directories whose entries must be synced
+        self._seen: set[str] = set()  # files this process has written (their entries synced)
 
     @classmethod
     def of(cls, array) -> LocalChunkFiles | None:
-        """The array's chunk files, or None if zarr must do its I/O (compressed, not local,
-        not whole rows)."""
-        from zarr.codecs import BytesCodec
-
-        meta = array.metadata
-        codecs = tuple(meta.codecs)
-        if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
-            return None
-        if getattr(codecs[0].endian, "value", "little") not in ("little", None):
-            return None
-        shape, chunks = tuple(array.shape), tuple(meta.chunk_grid.chunk_shape)
+        """The array's chunk files, or None if they are not local files of whole rows."""
+        shape, chunks = tuple(array.shape), tuple(array.metadata.chunk_grid.chunk_shape)
         if len(shape) != 2 or chunks[1] != shape[1]:
             return None
         root = _local_root(array.store)
@@ -119,42 +129,67 @@ class LocalChunkFiles:
         except FileNotFoundError:  # the chunk's directory is new
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
-                self._new_dirs.add(path.parent)
+                made = path.parent
+                while made != self.directory and made.parent != made:
+                    self._dirs.add(str(made.parent))
+                    made = made.parent
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
         try:
+            resized = os.fstat(fd).st_size != self.nbytes  # new (or damaged): metadata changes
             done = 0
             while done < self.nbytes:
                 done += os.pwrite(fd, view[done:], done)
-            if os.fstat(fd).st_size != self.nbytes:
+            if resized:
                 os.ftruncate(fd, self.nbytes)
         finally:
             os.close(fd)
+        self._note(str(path), metadata=resized, entry=resized)
+
+    def written(self, chunk: int) -> None:
+        """Zarr wrote the chunk (a new file renamed over the old one): sync it and its entry."""
+        self._note(str(self.path(chunk)), metadata=True, entry=True)
+
+    def _note(self, path: str, metadata: bool, entry: bool) -> None:
         with self._lock:
-            self._unsynced.add(path)
+            self._unsynced[path] = self._unsynced.get(path, False) or metadata
+            if entry or path not in self._seen:
+                self._seen.add(path)
+                self._dirs.add(os.path.dirname(path))
 
-    def sync(self) -> None:
-        """Make every write so far durable: fsync the files and the directories made for them."""
+    def sync(self, threads: int = 8) -> None:
+        """Make every write so far durable (see the module's docstring). Raises the first
+        ``OSError``; what was being synced then is not synced again."""
         with self._lock:
-            files, dirs = self._unsynced, self._new_dirs
-            self._unsynced, self._new_dirs = set(), set()
-        # A new chunk file's name is durable once its directory, and any directory made for
-        # it up to the array's own, is synced too.
-        made = {a for d in dirs for a in (d, *d.parents) if a.is_relative_to(self.directory)}
-        try:
-            for path in sorted(files):
-                _fsync(path, os.O_WRONLY)
-            for path in sorted(made, reverse=True):
-                _fsync(path, os.O_RDONLY)
-        except BaseException:
-            with self._lock:  # still to be made durable by the next sync
-                self._unsynced |= files
-                self._new_dirs |= dirs
-            raise
+            files, dirs = self._unsynced, self._dirs
+            self._unsynced, self._dirs = {}, set()
+        jobs = [(p, os.O_WRONLY, os.fsync if meta else os.fdatasync) for p, meta in files.items()]
+        # Deepest first: a directory's entry in its parent is synced after its own contents.
+        jobs += [(d, os.O_RDONLY, os.fsync) for d in sorted(dirs, key=len, reverse=True)]
+        if len(jobs) <= 1:
+            for job in jobs:
+                _sync(*job)
+            return
+        with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="latent-sync") as pool:
+            for done in [pool.submit(_sync, *job) for job in jobs]:
+                done.result()
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def _sync(path: str, flags: int, how) -> None:
     try:
-        os.fsync(fd)
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (opening {path} to sync it)") from None
+    try:
+        how(fd)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (syncing {path})") from None
     finally:
         os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (a new store's metadata)."""
+    for here, _, names in os.walk(root, topdown=False):
+        for name in names:
+            _sync(os.path.join(here, name), os.O_RDONLY, os.fsync)
+        _sync(here, os.O_RDONLY, os.fsync)

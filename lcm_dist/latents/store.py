@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcm_dist.faults import crash_point
-from lcm_dist.latents.chunk_files import LocalChunkFiles
+from lcm_dist.latents.chunk_files import LocalChunkFiles, sync_tree
 from lcm_dist.latents.layout import (  # noqa: F401  (re-exported: the store's index arithmetic)
     auto_rows_per_chunk,
     chunk_bounds,
@@ -124,8 +124,10 @@ class LatentStore:
         self.dtype = np.dtype(attrs["dtype"])
         self.initial = load(lambda: np.asarray(group["initial"][:], dtype=np.float32))
         self._data = [load(lambda: group["slot0"]), load(lambda: group["slot1"])]
-        # Local, uncompressed slots: chunk files read and overwritten directly (chunk_files.py).
+        # Local slots: chunk files read and overwritten directly if uncompressed, and synced
+        # before a commit (chunk_files.py).
         self._files = [LocalChunkFiles.of(array) for array in self._data]
+        self.read_only = bool(getattr(group.store, "read_only", False))
         self._slots_array: zarr.Array = load(lambda: group["slots"])
         self.committed = load(lambda: np.asarray(self._slots_array[:], dtype=np.int8))
         self.live = self.committed.copy()
@@ -229,7 +231,10 @@ class LatentStore:
             "model": signature,
         }
         step(lambda: group.attrs.update(attrs))
-        return cls(group, url, retry, stall_warning_seconds)
+        store = cls(group, url, retry, stall_warning_seconds)
+        if store._files[0] is not None:  # a local store: its metadata reaches the disk now
+            sync_tree(store._files[0].directory.parent)
+        return store
 
     @classmethod
     def open(
@@ -307,7 +312,7 @@ class LatentStore:
         if slot < 0:
             return np.broadcast_to(self.initial, (stop - start, self.phi_size)).copy()
         files = self._files[slot]
-        if files is not None:
+        if files is not None and files.direct:
             read = lambda: files.read(chunk, stop - start)  # noqa: E731
         else:
             read = lambda: self._data[slot][start:stop]  # noqa: E731
@@ -332,17 +337,22 @@ class LatentStore:
         start, stop = self.chunk_bounds(chunk)
         if data.shape != (stop - start, self.phi_size):
             raise ValueError(f"chunk {chunk} needs shape {(stop - start, self.phi_size)}")
+        if self.read_only:
+            raise ValueError(
+                f"latent store {self.url} is open read-only; chunk {chunk} not written"
+            )
         target = 1 if self.committed[chunk] == 0 else 0
         crash_point("store.write_chunk")
         stored = data.astype(self.dtype, copy=False)
-
         files = self._files[target]
 
         def write():
-            if files is not None:
+            if files is not None and files.direct:
                 files.write(chunk, stored)
             else:
                 self._data[target][start:stop] = stored
+                if files is not None:
+                    files.written(chunk)
 
         self._retry(write, f"writing chunk {chunk}", abort)
         with self._lock:
@@ -374,10 +384,19 @@ class LatentStore:
 
     def sync(self) -> None:
         """Make this process's chunk writes so far durable (local files are fsynced; an object
-        store's writes are durable when they return). Call before committing them."""
+        store's writes are durable when they return). Call before committing them. A failure is
+        not retried (see ``chunk_files``): it raises ``StoreIOError``."""
         for files in self._files:
-            if files is not None:
-                self._retry(files.sync, "syncing the chunk files")
+            if files is None:
+                continue
+            try:
+                files.sync()
+            except OSError as err:
+                raise StoreIOError(
+                    f"making the chunk writes of latent store {self.url} durable failed "
+                    f"({plain_reason(err)}); nothing new was committed, and the last checkpoint "
+                    "resumes"
+                ) from None
 
     def commit(self, persist: bool = True) -> None:
         """Make the live slot table the committed one (and write it to ``slots``)."""

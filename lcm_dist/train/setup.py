@@ -19,7 +19,7 @@ from lcm_dist.config import RunConfig, config_to_dict
 from lcm_dist.data.loader import ShardLoader
 from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import load_manifest
-from lcm_dist.latents.cache import WriteBackCache
+from lcm_dist.latents.cache import IO_NICENESS, WriteBackCache
 from lcm_dist.latents.layout import min_cache_bytes
 from lcm_dist.latents.run_store import open_run_store, resolve_url
 from lcm_dist.latents.table import InMemoryLatentTable
@@ -116,7 +116,12 @@ def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> Wr
             f"the {chunks} chunks of {rows} rows one batch may touch need; raise it"
         )
     return WriteBackCache(
-        store, cfg.store.cache_bytes, cfg.store.io_threads, cfg.store.prefetch_chunks
+        store,
+        cfg.store.cache_bytes,
+        cfg.store.io_threads,
+        cfg.store.prefetch_chunks,
+        # When the CPU computes the step, the I/O threads give way to it.
+        io_niceness=IO_NICENESS if distributed.device().type == "cpu" else 0,
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from lcm_dist.latents.chunk_files import LocalChunkFiles
+from lcm_dist.latents.retry import StoreIOError
 from lcm_dist.latents.store import LatentStore
 
 SIG = {"phi_size": 6, "preset": "test", "latent_widths": [2]}
@@ -31,7 +32,7 @@ def rows(n, seed):
 def test_direct_files_are_the_files_zarr_reads_and_writes(tmp_path, dtype, prefix):
     path = tmp_path / "latents.zarr"
     store = make(prefix + str(path), dtype=dtype)
-    assert all(files is not None for files in store._files)  # the direct path is in use
+    assert all(files.direct for files in store._files)  # the direct path is in use
     # The store writes (the last chunk is short: rows 8-9), plain zarr reads.
     written = {c: rows(n, c) for c, n in ((0, 4), (2, 2))}
     for chunk, data in written.items():
@@ -47,10 +48,32 @@ def test_direct_files_are_the_files_zarr_reads_and_writes(tmp_path, dtype, prefi
     np.testing.assert_array_equal(store.read_chunk(2), theirs.astype(np.float32))
 
 
+def test_the_bytes_are_the_bytes_zarr_writes(tmp_path):
+    store = make(str(tmp_path / "latents.zarr"), dtype="float16")
+    data = rows(2, 3)
+    store.write_chunk(2, data)  # the short edge chunk: padded with the fill value
+    path = store._files[store.live[2]].path(2)
+    ours = path.read_bytes()
+    zarr.open_group(str(tmp_path / "latents.zarr"), mode="r+")[f"slot{store.live[2]}"][8:10] = data
+    assert path.read_bytes() == ours
+
+
 def test_compressed_and_remote_stores_go_through_zarr(tmp_path):
-    assert make(str(tmp_path / "z.zarr"), codec="zstd")._files == [None, None]
+    compressed = make(str(tmp_path / "z.zarr"), codec="zstd")
+    assert [files.direct for files in compressed._files] == [False, False]
+    compressed.write_chunk(0, rows(4, 0))
+    np.testing.assert_array_equal(compressed.read_chunk(0), rows(4, 0))
     memory = make(f"memory://{tmp_path.name}/m.zarr")
     assert [LocalChunkFiles.of(array) for array in memory._data] == [None, None]
+
+
+def test_a_store_opened_read_only_is_not_written(tmp_path):
+    url = str(tmp_path / "latents.zarr")
+    make(url)
+    store = LatentStore.open(url, mode="r")
+    with pytest.raises(ValueError, match=r"latent store .* is open read-only; chunk 1 not"):
+        store.write_chunk(1, rows(4, 1))
+    assert not (tmp_path / "latents.zarr" / "slot0" / "c").exists()
 
 
 def test_a_chunk_is_rewritten_in_place(tmp_path):
@@ -81,43 +104,85 @@ def test_a_torn_write_to_the_uncommitted_slot_leaves_the_committed_rows(tmp_path
         reopened.read_chunk(0)
 
 
-def test_sync_makes_each_write_durable_once(tmp_path, monkeypatch):
-    store = make(str(tmp_path / "latents.zarr"), rows=12)
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(
-        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))
-    )
+@pytest.fixture
+def synced(monkeypatch):
+    """[(fsync or fdatasync, path)] of every sync call from now on."""
+    calls = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def record(fd, real=real, name=name):
+            calls.append((name, os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(os, name, record)
+    return calls
+
+
+def test_sync_makes_each_write_durable_once(tmp_path, synced):
+    url = str(tmp_path / "latents.zarr")
+    store = make(url, rows=12)
+    synced.clear()  # creating the store synced its metadata
     store.write_chunk(0, rows(4, 0))
     store.write_chunk(2, rows(4, 2))
     store.sync()
     slot = tmp_path / "latents.zarr" / f"slot{store.live[0]}"
-    files = [str(slot / "c" / str(c) / "0") for c in (0, 2)]
+    file0, file2 = (str(slot / "c" / str(c) / "0") for c in (0, 2))
     dirs = [str(slot / "c" / str(c)) for c in (0, 2)] + [str(slot / "c"), str(slot)]
-    assert sorted(synced) == sorted(files + dirs)
+    # New files: their data, sizes and directory entries, up to the new "c" in the slot.
+    assert sorted(synced) == sorted(
+        [("fsync", file0), ("fsync", file2)] + [("fsync", d) for d in dirs]
+    )
     synced.clear()
     store.sync()
     assert synced == []  # nothing written since
-    store.write_chunk(0, rows(4, 3))  # an existing file: only it is synced
+    store.write_chunk(0, rows(4, 3))  # overwritten in place: only its data
     store.sync()
-    assert synced == [files[0]]
+    assert synced == [("fdatasync", file0)]
+    # Another process (a resumed run) writing the same file: its entry is synced once more,
+    # as the process that made it may have died before it synced it.
+    synced.clear()
+    again = LatentStore.open(url, signature=SIG)
+    again.write_chunk(0, rows(4, 4))
+    again.sync()
+    assert sorted(synced) == [("fdatasync", file0), ("fsync", dirs[0])]
 
 
-def test_a_full_disk_is_reported_and_retried_by_the_next_sync(tmp_path, monkeypatch):
+def test_zarr_writes_of_a_compressed_local_store_are_synced_too(tmp_path, synced):
+    store = make(str(tmp_path / "latents.zarr"), codec="zstd")
+    store.write_chunk(1, rows(4, 1))
+    store.sync()
+    synced.clear()
+    store.write_chunk(1, rows(4, 2))  # zarr renames a new file into place: entry and file
+    store.sync()
+    path = store._files[store.live[1]].path(1)
+    assert sorted(synced) == [("fsync", str(path.parent)), ("fsync", str(path))]
+
+
+def test_a_failed_sync_is_one_error_and_is_not_retried(tmp_path, monkeypatch, synced):
     store = make(str(tmp_path / "latents.zarr"))
     store.write_chunk(0, rows(4, 0))
-    real = os.fsync
+    synced.clear()
 
     def full(fd):
         raise OSError(28, "No space left on device")
 
+    recording = os.fsync
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreIOError) as err:
         store.sync()
-    synced = []
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    assert str(err.value).startswith(
+        f"making the chunk writes of latent store {tmp_path / 'latents.zarr'} durable failed "
+        "(no space left on device (syncing "
+    )
+    assert "the last checkpoint resumes" in str(err.value)
+    # A second fsync could report success with the data lost: the writes are not synced again.
+    monkeypatch.setattr(os, "fsync", recording)
     store.sync()
-    assert len(synced) == 4  # the file and the three directories made for it
+    assert synced == []
+    store.write_chunk(0, rows(4, 1))  # the next write is synced again
+    store.sync()
+    assert synced == [("fdatasync", str(store._files[store.live[0]].path(0)))]
 
 
 def test_a_checkpoint_syncs_the_chunk_files_before_it_commits(tmp_path, demo_shards, monkeypatch):
