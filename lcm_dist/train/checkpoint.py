@@ -198,10 +198,43 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
     tag = tag_for(step)
     folder = run / FOLDER / tag
     rank = distributed.rank()
-    try:
-        if distributed.is_main() and folder.exists():
+    main = distributed.is_main()
+
+    def clear():
+        if main and folder.exists():
             shutil.rmtree(folder)  # left by an attempt that crashed before committing
-        distributed.barrier()
+
+    def write_own():
+        fail_point("checkpoint.write")
+        crash_point("checkpoint.write")
+        own = {n: b.detach().cpu() for n, b in _floating_buffers(engine).items()}
+        torch.save({"torch": torch.get_rng_state(), "buffers": own}, folder / f"rng-rank{rank}.pt")
+        if main:
+            save_file(weights, str(folder / "generator.safetensors"))
+            if slots is not None:
+                np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
+            _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
+
+    def commit():
+        if not main:
+            return
+        files = {
+            str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+        tmp = run / (POINTER + ".tmp")
+        _write_json(tmp, {"tag": tag, "step": step, "files": files})
+        crash_point("checkpoint.before_commit")
+        os.replace(tmp, run / POINTER)  # the commit
+        _fsync_dir(run)
+        crash_point("checkpoint.after_commit")
+
+    # Each process's own writes end in an agreement rather than a barrier: a process whose
+    # write fails (a full disk) raises its error, and the others stop at once with one line
+    # naming it instead of waiting at the barrier (under NCCL, until its timeout).
+    try:
+        distributed.together(f"clearing checkpoint {tag}", clear)
         weights = generator_state(engine)
         # The weights for export get the statistics of all processes; each process's own
         # go to its rank file, so that a resumed run continues exactly where it stopped.
@@ -209,29 +242,8 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
         if weights:
             weights.update(averaged)
         engine.save_checkpoint(str(run / FOLDER), tag=tag, save_latest=False)
-        fail_point("checkpoint.write")
-        crash_point("checkpoint.write")
-        own = {n: b.detach().cpu() for n, b in _floating_buffers(engine).items()}
-        torch.save({"torch": torch.get_rng_state(), "buffers": own}, folder / f"rng-rank{rank}.pt")
-        if distributed.is_main():
-            save_file(weights, str(folder / "generator.safetensors"))
-            if slots is not None:
-                np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
-            _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
-        distributed.barrier()
-        if distributed.is_main():
-            files = {
-                str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
-                for p in sorted(folder.rglob("*"))
-                if p.is_file()
-            }
-            tmp = run / (POINTER + ".tmp")
-            _write_json(tmp, {"tag": tag, "step": step, "files": files})
-            crash_point("checkpoint.before_commit")
-            os.replace(tmp, run / POINTER)  # the commit
-            _fsync_dir(run)
-            crash_point("checkpoint.after_commit")
-        distributed.barrier()
+        distributed.together(f"writing checkpoint {tag}", write_own)
+        distributed.together(f"committing checkpoint {tag}", commit)
     except OSError as err:
         raise CheckpointError(
             f"writing checkpoint {folder} failed ({err}); the previous commit in "

@@ -175,9 +175,13 @@ def commit_checkpoint(
 ) -> None:
     """Flush the latents, save everything and commit it; then the store's committed slots
     follow the checkpoint's."""
-    latents.flush()
-    if isinstance(latents, WriteBackCache):
-        latents.store.sync()  # this process's chunk writes reach the disk before the commit
+
+    def write_back():
+        latents.flush()
+        if isinstance(latents, WriteBackCache):
+            latents.store.sync()  # this process's chunk writes reach the disk before the commit
+
+    distributed.together(f"writing back the latents for the checkpoint of step {step}", write_back)
     share_latent_slots(latents)
     slots = latents.store.live if isinstance(latents, WriteBackCache) else None
     state = {
