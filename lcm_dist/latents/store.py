@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lcm_dist.faults import crash_point
+from lcm_dist.faults import crash_point, fail_point
 from lcm_dist.latents.chunk_files import LocalChunkFiles, sync_tree
 from lcm_dist.latents.layout import (  # noqa: F401  (re-exported: the store's index arithmetic)
     auto_rows_per_chunk,
@@ -386,17 +386,17 @@ class LatentStore:
         """Make this process's chunk writes so far durable (local files are fsynced; an object
         store's writes are durable when they return). Call before committing them. A failure is
         not retried (see ``chunk_files``): it raises ``StoreIOError``."""
-        for files in self._files:
-            if files is None:
-                continue
-            try:
-                files.sync()
-            except OSError as err:
-                raise StoreIOError(
-                    f"making the chunk writes of latent store {self.url} durable failed "
-                    f"({plain_reason(err)}); nothing new was committed, and the last checkpoint "
-                    "resumes"
-                ) from None
+        try:
+            fail_point("store.sync")
+            for files in self._files:
+                if files is not None:
+                    files.sync()
+        except OSError as err:
+            raise StoreIOError(
+                f"making the chunk writes of latent store {self.url} durable failed "
+                f"({plain_reason(err)}); nothing new was committed, and the last checkpoint "
+                "resumes"
+            ) from None
 
     def commit(self, persist: bool = True) -> None:
         """Make the live slot table the committed one (and write it to ``slots``)."""

@@ -226,8 +226,16 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
         tmp = run / (POINTER + ".tmp")
         _write_json(tmp, {"tag": tag, "step": step, "files": files})
         crash_point("checkpoint.before_commit")
+        fail_point("checkpoint.commit")
         os.replace(tmp, run / POINTER)  # the commit
-        _fsync_dir(run)
+        try:
+            _fsync_dir(run)
+        except OSError as err:  # committed, but perhaps not durable: not the generic message
+            raise CheckpointError(
+                f"checkpoint {folder} was committed in {run / POINTER}, but syncing "
+                f"{run} failed ({err}); after a power cut the previous commit may be the one "
+                "that resumes"
+            ) from None
         crash_point("checkpoint.after_commit")
 
     # Each process's own writes end in an agreement rather than a barrier: a process whose

@@ -240,41 +240,61 @@ def test_a_second_launch_of_a_running_run_is_refused(tmp_path, demo_shards):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.dist
 @pytest.mark.slow
-def test_a_full_disk_on_one_process_stops_the_others_with_one_line(tmp_path, demo_shards):
-    """Plain processes, no launcher to kill the survivors: process 1's checkpoint write fails,
-    and process 0 must stop by itself, saying which process failed and while doing what."""
+@pytest.mark.parametrize(
+    "point, failing, doing",
+    [
+        ("store.sync", 1, "writing back the latents for the checkpoint of step 6"),
+        ("checkpoint.write", 1, "writing checkpoint step-00000006"),
+        ("checkpoint.commit", 0, "committing checkpoint step-00000006"),
+    ],
+)
+def test_a_full_disk_on_one_process_stops_the_others_with_one_line(
+    tmp_path, demo_shards, point, failing, doing
+):
+    """Plain processes, no launcher to kill the survivors: one process's checkpoint step fails
+    (its write-back, its own files, or the main process's commit), and the other must stop by
+    itself, saying which process failed and while doing what."""
     import subprocess
 
     from tests.helpers import REPO, subprocess_env
 
     cfg = resume_config(tmp_path, demo_shards, "run", train={"max_steps": 8})
     port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = subprocess_env()
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            LCM_DIST_FAIL_AT="checkpoint.write:1@1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [PYTHON, "launch/train.py", "--config", str(cfg)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+    procs, logs = [], []
+    try:
+        for rank in (0, 1):
+            env = subprocess_env()
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                LCM_DIST_FAIL_AT=f"{point}@{failing}",
             )
-        )
-    out = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], out
-    assert "No space left on device" in out[1][1] and "previous commit" in out[1][1]
-    assert "process 1 of the run stopped while writing checkpoint step-00000006" in out[0][1]
-    assert "Traceback" not in out[0][1] + out[1][1]
+            logs.append(tmp_path / f"rank{rank}.err")
+            with open(logs[-1], "w") as err:
+                procs.append(
+                    subprocess.Popen(
+                        [PYTHON, "launch/train.py", "--config", str(cfg)],
+                        cwd=REPO,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
+                )
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = [log.read_text() for log in logs]
+    assert codes == [2, 2], err
+    other = 1 - failing
+    assert "no space left on device" in err[failing].lower()
+    assert f"process {failing} of the run stopped while {doing}" in err[other]
+    assert "Traceback" not in err[0] + err[1]
     assert find_latest(tmp_path / "run" / "run") is None  # nothing was committed
