@@ -231,10 +231,10 @@ def export_run(
         bar.close()
     # A run still training may have committed since: after a new commit it writes into the
     # slots this export read (shadow paging alternates them), so the rows may be a mix.
-    latest = checkpoint.find_latest(run)
-    if latest is None or latest.tag != commit.tag:
+    latest = checkpoint.committed_tag(run)
+    if latest != commit.tag:
         raise ExportError(
-            f"the run in {run} committed {latest.tag if latest else 'nothing'} while this "
+            f"the run in {run} committed {latest or 'nothing'} while this "
             f"export copied the latents of {commit.tag}, and may have rewritten some of them; "
             "export again after it stops (or right after a checkpoint)"
         )

@@ -7,7 +7,8 @@ checkpoint's files and committing it, between two chunk writes of a flush, ...).
                                point ``name`` (like a power cut: no cleanup, no flush)
     LCM_DIST_FAIL_AT=name:n    the n-th time, an OSError "No space left on device" is raised
 
-Either may end in ``@r`` (``name@r`` or ``name:n@r``): only the process of rank ``r`` (``RANK``) acts on it.
+Either may end in ``@r`` (``name@r`` or ``name:n@r``): only the process of rank ``r``
+(``RANK``) acts on it.
 
 Unset (always, outside tests), a point costs one dictionary lookup.
 """

@@ -243,24 +243,16 @@ def test_export_finds_a_runs_relative_paths_from_any_directory(
 
 
 def test_an_export_during_a_new_commit_is_refused(tmp_path, trained_run, monkeypatch):
-    import dataclasses
-
     from lcm_dist.export import ExportError, export_run
     from lcm_dist.train import checkpoint
 
-    real = checkpoint.find_latest
-    calls = []
-
-    def find_latest(run):  # the run commits again while the export copies
-        commit = real(run)
-        calls.append(commit.tag)
-        return commit if len(calls) == 1 else dataclasses.replace(commit, tag="step-99999999")
-
-    monkeypatch.setattr(checkpoint, "find_latest", find_latest)
+    copied = checkpoint.find_latest(trained_run).tag
+    # The run commits again while the export copies: the pointer, read after the copy, moved on.
+    monkeypatch.setattr(checkpoint, "committed_tag", lambda run: "step-99999999")
     with pytest.raises(ExportError) as err:
         export_run(trained_run, str(tmp_path / "model.zarr"), progress=False)
     assert str(err.value) == (
         f"the run in {trained_run} committed step-99999999 while this export copied the "
-        f"latents of {calls[0]}, and may have rewritten some of them; export again after it "
+        f"latents of {copied}, and may have rewritten some of them; export again after it "
         "stops (or right after a checkpoint)"
     )

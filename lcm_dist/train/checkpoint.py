@@ -260,11 +260,17 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
     return tag
 
 
+def committed_tag(run_dir: str | os.PathLike) -> str | None:
+    """The tag the run's commit pointer names, read from the pointer alone (``find_latest``
+    also verifies every file of it); None if the run has no commit."""
+    pointer = Path(run_dir) / POINTER
+    return json.loads(pointer.read_text())["tag"] if pointer.exists() else None
+
+
 def prune(run_dir: str | os.PathLike, keep_latest: int) -> None:
     """Delete checkpoint folders beyond the newest ``keep_latest`` (never the committed one)."""
     run = Path(run_dir)
-    pointer = run / POINTER
-    committed = json.loads(pointer.read_text())["tag"] if pointer.exists() else None
+    committed = committed_tag(run)
     folders = sorted(p for p in (run / FOLDER).glob("step-*") if p.is_dir())
     newest_first = [p for p in reversed(folders) if p.name <= (committed or "")]
     for old in newest_first[keep_latest:]:
