@@ -20,6 +20,8 @@ size for grids.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,16 @@ import torch.nn.functional as F
 from lcm_dist.model.loss import lcm_loss
 
 LUMA = (0.299, 0.587, 0.114)
+
 DEFAULT_BOX = 0.5
 """The inpainting hole when none is given: a centred square of half the side."""
 TASKS = ("inpaint", "superres", "colorize")
+
+
+@functools.cache
+def _luma_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, 3, 1, 1) luma weights on ``device``, copied there once (not every iteration)."""
+    return torch.tensor(LUMA, device=device, dtype=dtype).view(1, 3, 1, 1)
 
 
 class Degradation:
@@ -190,8 +199,7 @@ class Colorize(Degradation):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             return x
-        w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
+        return (x * _luma_on(x.device, x.dtype)).sum(1, keepdim=True)
 
     def naive(self, y: torch.Tensor) -> torch.Tensor:
         return y.expand(-1, 3, -1, -1).clone()

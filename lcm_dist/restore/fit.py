@@ -62,25 +62,61 @@ def fit_phi(
     (``fit_settings``).
 
     Each image's loss is its own data term (summed over the batch, so the images do not
-    interact); phi's conv weights are clamped after every step as in training. The fit runs on
+    interact); phi's conv weights are clamped after every step as in training. Each image
+    keeps the phi with the lowest data term the fit met (``FitState``), its starting phi
+    included, so a fit never ends worse than it started on its own objective, and where the
+    path wanders (a step of the default Adam moves phi by up to the whole clamp range) the
+    result is the best point of it rather than wherever the last step landed. The fit runs on
     the model's device; the results come back to the CPU."""
     name, lr = fit_settings(operator.name, optimizer, lr)
     keep_freed_memory(model.device)  # on the CPU an iteration reuses the pages the last freed
     observed, operator = observed.to(model.device), operator.to(model.device)
-    b = observed.shape[0]
-    phi = model.initial_phi.expand(b, -1).clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([phi], lr=lr) if name == "sgd" else torch.optim.Adam([phi], lr=lr)
-    mask = model.net.mask
+    state = FitState(model, observed.shape[0], name, lr)
     for it in range(iterations):
-        optimizer.zero_grad(set_to_none=True)
-        per_image = operator.data_term(model.render(phi), observed, **model.loss)
-        per_image.sum().backward()
-        optimizer.step()
-        clamp_phi_(phi, mask, model.model.clamp)
+        per_image = state.step(observed, operator)
         if on_step is not None:
-            on_step(it, per_image.detach())
+            on_step(it, per_image)
     with torch.no_grad():
-        return model.render(phi).clamp(0, 1).cpu(), phi.detach().cpu()
+        state.keep_best(operator.data_term(model.render(state.phi), observed, **model.loss))
+        return model.render(state.best_phi).clamp(0, 1).cpu(), state.best_phi.cpu()
+
+
+class FitState:
+    """One batch's fit: its phi, optimizer and, per image, the best phi met so far.
+
+    ``step`` is one iteration; it copies nothing from the host and reads nothing back, so
+    iterations queue on a GPU without waiting for it."""
+
+    def __init__(self, model: RestorationModel, batch: int, optimizer: str, lr: float):
+        self.model = model
+        self.phi = model.initial_phi.expand(batch, -1).clone().requires_grad_(True)
+        self.optimizer = (
+            torch.optim.SGD([self.phi], lr=lr)
+            if optimizer == "sgd"
+            else torch.optim.Adam([self.phi], lr=lr)
+        )
+        self.best_phi = self.phi.detach().clone()
+        self.best_loss = torch.full((batch,), float("inf"), device=self.phi.device)
+
+    def keep_best(self, per_image: torch.Tensor) -> None:
+        """Remember the current phi of the images whose data term ``per_image`` (of the
+        current phi) is their lowest yet."""
+        better = per_image < self.best_loss  # NaN never is
+        self.best_loss = torch.where(better, per_image, self.best_loss)
+        self.best_phi = torch.where(better[:, None], self.phi.detach(), self.best_phi)
+
+    def step(self, observed: torch.Tensor, operator: Degradation) -> torch.Tensor:
+        """One iteration; returns the data term per image of phi before it (detached)."""
+        model = self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        per_image = operator.data_term(model.render(self.phi), observed, **model.loss)
+        per_image.sum().backward()
+        per_image = per_image.detach()
+        with torch.no_grad():
+            self.keep_best(per_image)
+        self.optimizer.step()
+        clamp_phi_(self.phi, model.net.mask, model.model.clamp)
+        return per_image
 
 
 def iteration_bar(total: int, desc: str):
@@ -113,7 +149,7 @@ def restore(
         def tick(it, losses, n=n):
             if bar is not None:
                 bar.update(n)
-                if it % 20 == 0 or it == iterations - 1:  # the bar ends on the final loss
+                if it == iterations - 1:  # read once per batch: a read waits for the device
                     bar.set_postfix(loss=f"{float(losses.mean()):.4f}")
 
         x, phi = fit_phi(

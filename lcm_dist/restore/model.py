@@ -10,7 +10,7 @@ import torch
 
 from lcm_dist.config import ModelConfig, model_from_dict
 from lcm_dist.export import ExportError, open_export
-from lcm_dist.model.generator import Generator
+from lcm_dist.model.generator import Generator, set_memory_format
 from lcm_dist.model.latent_net import BatchedLatentNet, phi_layout
 
 
@@ -41,10 +41,12 @@ class RestorationModel:
         return self.initial_phi.device
 
     def to(self, device: torch.device | str) -> RestorationModel:
-        """Move the generator, the latent nets and the initial phi to ``device``."""
+        """Move the generator, the latent nets and the initial phi to ``device`` (on a GPU the
+        generator's activations are channels_last, as in training: ``set_memory_format``)."""
         self.generator.to(device)
         self.net.to(device)
         self.initial_phi = self.initial_phi.to(device)
+        set_memory_format(self.generator, "auto", self.initial_phi.device)
         return self
 
     def render(self, phi: torch.Tensor) -> torch.Tensor:

