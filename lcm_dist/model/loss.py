@@ -30,10 +30,18 @@ def blur_kernel() -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+@functools.cache
+def blur_kernel_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``blur_kernel`` as a (1, 1, 5, 5) tensor on ``device`` in ``dtype``, copied there once:
+    a copy in every blur would make each inner step wait for the GPU (a host-to-device copy
+    from pageable memory synchronises)."""
+    return blur_kernel().to(device, dtype)[None, None]
+
+
 def blur(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) blurred per channel with ``blur_kernel``, zero padding, same size."""
     c = x.shape[1]
-    weight = blur_kernel().to(x.device, x.dtype).expand(c, 1, BLUR_SIZE, BLUR_SIZE)
+    weight = blur_kernel_on(x.device, x.dtype).expand(c, 1, BLUR_SIZE, BLUR_SIZE)
     return F.conv2d(x, weight, padding=BLUR_SIZE // 2, groups=c)
 
 
