@@ -6,8 +6,11 @@ a world of one, so DeepSpeed neither looks for MPI nor needs a free port chosen 
 
 Collectives run on the device the backend serves: NCCL reduces CUDA tensors only, gloo CPU
 tensors, so the helpers move their (tiny) operands there and back. On a GPU node each process
-binds its CUDA device (``LOCAL_RANK``) before the process group exists, so NCCL's communicator
-and every later allocation land on that device and not all on GPU 0.
+binds its CUDA device before the process group exists, so NCCL's communicator and every later
+allocation land on that device and not all on GPU 0: GPU ``LOCAL_RANK`` where the process sees
+the node's GPUs, GPU 0 where it sees only its own (SLURM's ``--gpus-per-task=1``, or
+``CUDA_VISIBLE_DEVICES`` set per process). The process group is created here with that device,
+and DeepSpeed is told it, since both would otherwise take ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -85,6 +88,17 @@ def init_distributed() -> None:
         # The shared-memory comm op is JIT-compiled on first use (minutes); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     try:
+        if cuda:
+            # NCCL's communicator on this process's own GPU (DeepSpeed would name
+            # cuda:LOCAL_RANK); DeepSpeed then adopts the group. A world of one names no device
+            # (as DeepSpeed does: binding one makes torch split communicators it cannot reach).
+            from deepspeed.constants import default_pg_timeout
+
+            dist.init_process_group(
+                "nccl",
+                timeout=default_pg_timeout,
+                device_id=device() if int(os.environ["WORLD_SIZE"]) > 1 else None,
+            )
         deepspeed.init_distributed(
             dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False
         )
@@ -125,12 +139,41 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def cuda_device_index(local: int, visible: int, visible_names: str | None = None) -> int:
+    """The index, among the ``visible`` GPUs this process sees, of the one it computes on:
+    ``local`` (its LOCAL_RANK) where it sees the node's GPUs, 0 where it sees only one (each
+    process given its own GPU). Anything else is ambiguous and an error."""
+    if visible < 1:
+        raise RuntimeError("this process sees no GPU")
+    if visible == 1:
+        return 0
+    if local < visible:
+        return local
+    names = f" (CUDA_VISIBLE_DEVICES={visible_names})" if visible_names is not None else ""
+    raise ValueError(
+        f"this process has LOCAL_RANK {local} but sees only {visible} GPUs{names}; let every "
+        "process see all of its node's GPUs, or exactly one (one GPU per process)"
+    )
+
+
 def device() -> torch.device:
-    """This process's compute device: its own GPU (``LOCAL_RANK``; modulo the GPUs it sees, for
-    schedulers that show each process only its own) or the CPU."""
+    """This process's compute device: its GPU (``cuda_device_index``) or the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        index = cuda_device_index(
+            local_rank(), torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def engine_args():
+    """The ``args`` for ``deepspeed.initialize``: on a GPU, the device this process bound
+    (DeepSpeed's ``device_rank``; without it DeepSpeed binds cuda:LOCAL_RANK); else None."""
+    if not torch.cuda.is_available():
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device_rank=device().index)
 
 
 def _comm_device() -> torch.device:

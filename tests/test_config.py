@@ -404,3 +404,41 @@ def test_every_key_has_a_description():
         for name, field in section.model_fields.items():
             if not is_section(field.annotation):
                 assert field.description, f"{section.__name__}.{name} has no description"
+
+
+def test_zero3_is_refused_with_the_reason(tmp_path):
+    path = write(
+        tmp_path, {**BASE, "deepspeed": {**BASE["deepspeed"], "zero_optimization": {"stage": 3}}}
+    )
+    with pytest.raises(
+        ValueError, match=r"'deepspeed.zero_optimization.stage' is 3, which is not"
+    ) as err:
+        load_config(path)
+    assert "fits on every GPU" in str(err.value) and "use stage 0, 1 or 2" in str(err.value)
+
+
+def test_deepspeed_settings_chosen_for_this_model():
+    from lcm_dist.train.setup import BUCKET_ELEMENTS, deepspeed_config
+
+    cfg = load_config("configs/big.json")
+    ds = deepspeed_config(cfg)
+    zero = ds["zero_optimization"]
+    # Buckets of ~1/4 of the paper generator, so reductions overlap the backward pass.
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == BUCKET_ELEMENTS
+    assert BUCKET_ELEMENTS * 3 < 38_696_224 < BUCKET_ELEMENTS * 4
+    # No clipping: no gradient-norm pass; bf16: no overflow check (theta and phi step together).
+    assert zero["compute_grad_norm"] is False and ds["gradient_clipping"] == 0.0
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert "compute_grad_norm" not in cfg.deepspeed["zero_optimization"]  # the config as given
+    # A config's own choices win, and clipping keeps the norm DeepSpeed clips by.
+    raw = json.loads(Path("configs/big.json").read_text())
+    raw["deepspeed"]["gradient_clipping"] = 1.0
+    raw["deepspeed"]["bf16"]["check_grad_overflow"] = True
+    raw["deepspeed"]["zero_optimization"]["reduce_bucket_size"] = 123
+    ds = deepspeed_config(config_from_dict(raw))
+    assert "compute_grad_norm" not in ds["zero_optimization"]
+    assert ds["bf16"]["check_grad_overflow"] is True
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    # ZeRO stage 0 has no buckets to set.
+    paper = deepspeed_config(load_config("configs/paper.json"))
+    assert paper["zero_optimization"] == {"stage": 0}

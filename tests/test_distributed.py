@@ -73,3 +73,27 @@ def test_launcher_commands_are_recognised():
     assert not lifecycle.is_launcher(["bash", "run_deepspeed.sh"])
     assert not lifecycle.is_launcher(["python", "-m", "pytest", "-k", "torchrun"])
     assert not lifecycle.is_launcher(["/home/deepspeed/.venv/bin/python", "launch/train.py"])
+
+
+def test_each_process_binds_its_own_gpu_or_the_only_one_it_sees():
+    # Every GPU of the node visible: the process's LOCAL_RANK.
+    assert [distributed.cuda_device_index(r, 8) for r in range(8)] == list(range(8))
+    # One GPU per process (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES per process): cuda:0,
+    # whatever the LOCAL_RANK (DeepSpeed alone would ask for cuda:3 here).
+    assert [distributed.cuda_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    # Neither: an error that says what the process sees.
+    with pytest.raises(
+        ValueError, match=r"LOCAL_RANK 5 but sees only 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"
+    ):
+        distributed.cuda_device_index(5, 4, "0,1,2,3")
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        distributed.cuda_device_index(0, 0)
+
+
+def test_deepspeed_is_told_the_bound_gpu(monkeypatch):
+    assert distributed.engine_args() is None  # on a CPU DeepSpeed binds nothing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.device() == torch.device("cuda", 0)
+    assert distributed.engine_args().device_rank == 0

@@ -153,6 +153,16 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         False, description="Deterministic torch kernels (bitwise on CPUs, best effort on GPUs)"
     )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="Layout of the generator's activations: auto = channels_last on GPUs (faster "
+        "convolutions there, docs/benchmarks.md), contiguous on CPUs",
+    )
+    cudnn_benchmark: bool = Field(
+        False,
+        description="Let cuDNN time its convolution algorithms at the start and keep the fastest "
+        "(GPUs; off under train.deterministic)",
+    )
 
 
 class StoreConfig(Section):

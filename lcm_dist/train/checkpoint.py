@@ -132,7 +132,7 @@ def _fp32_masters(engine) -> dict[int, torch.Tensor]:
     if missing:
         raise CheckpointError(
             f"cannot find the fp32 master weights of the generator in DeepSpeed's "
-            f"{type(engine.optimizer).__name__}; train in fp32 or with ZeRO stage 1-3"
+            f"{type(engine.optimizer).__name__}; train in fp32 or with ZeRO stage 1-2"
         )
     return masters
 
@@ -152,22 +152,13 @@ def _set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
 
 def generator_state(engine) -> dict[str, torch.Tensor]:
     """The generator's full weights as contiguous CPU fp32 tensors: under bf16 the
-    optimizer's fp32 masters, never an upcast of the bf16 copy (call on every rank: ZeRO-3
-    gathers). Integer buffers (BatchNorm's batch counters) keep their dtype."""
+    optimizer's fp32 masters, never an upcast of the bf16 copy (ZeRO 1-2 gather them on every
+    rank). Integer buffers (BatchNorm's batch counters) keep their dtype."""
+    state = engine.module.state_dict()
     if engine.bfloat16_enabled():
         masters = _fp32_masters(engine)
         by_name = {name: masters[id(p)] for name, p in engine.module.named_parameters()}
-        state = {
-            name: by_name.get(name, tensor) for name, tensor in engine.module.state_dict().items()
-        }
-        if engine.zero_optimization_stage() == 3 and not distributed.is_main():
-            return {}
-    elif engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if state is None:  # ZeRO-3 gathers on rank 0 only
-        return {}
+        state = {name: by_name.get(name, tensor) for name, tensor in state.items()}
     return {
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
         for k, v in state.items()

@@ -54,9 +54,14 @@ def fit_batch(engine, latent_net, phi, images, cfg: RunConfig, clamp_mask, gen_d
         middle = clock.mark() if clock else None
         engine.step()
         with torch.no_grad():
-            phi -= t.lr_phi * phi.grad
+            # DeepSpeed skips theta's step on a non-finite gradient where it checks for one
+            # (its bf16 optimizer under ZeRO stage 0, every step; deepspeed_config turns the
+            # check off under ZeRO 1-2): phi then skips its step too, so the two always step
+            # together. The flag is a host bool DeepSpeed already read.
+            if getattr(getattr(engine, "optimizer", None), "overflow", False) is not True:
+                phi -= t.lr_phi * phi.grad
+                clamp_phi_(phi, clamp_mask, cfg.model.clamp)
             phi.grad = None
-            clamp_phi_(phi, clamp_mask, cfg.model.clamp)
         if clock:
             clock.add("forward_backward", start, middle)
             clock.add("optimizer", middle, clock.mark())

@@ -10,7 +10,7 @@ import torch
 from lcm_dist import distributed, lifecycle, memory
 from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
 from lcm_dist.data.loader import ShardLoader, images_on
-from lcm_dist.model.generator import Generator, count_parameters
+from lcm_dist.model.generator import Generator, count_parameters, set_memory_format
 from lcm_dist.model.latent_net import BatchedLatentNet, phi_layout
 from lcm_dist.train import checkpoint
 from lcm_dist.train import setup as run_setup
@@ -32,6 +32,10 @@ class Trainer:
         self.rank, world = distributed.rank(), distributed.world_size()
         self.device = device = distributed.device()
         memory.keep_freed_memory(device)  # on the CPU a step reuses the pages the last freed
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = (
+                cfg.train.cudnn_benchmark and not cfg.train.deterministic
+            )
         if cfg.train.deterministic:
             if device.type == "cuda":
                 # cuBLAS is deterministic only with a fixed workspace; the generator's bilinear
@@ -58,8 +62,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         self.latent_net = BatchedLatentNet(cfg.model).to(device)
         generator = Generator(cfg.model)
-        num_parameters = count_parameters(generator)  # before ZeRO-3 partitions them
+        set_memory_format(generator, cfg.train.memory_format, device)
+        num_parameters = count_parameters(generator)
         self.engine, _, _, _ = deepspeed.initialize(
+            # DeepSpeed would bind cuda:LOCAL_RANK, which does not exist where each process
+            # sees only its own GPU; it takes the device this process bound instead.
+            args=distributed.engine_args(),
             model=generator,
             model_parameters=generator.parameters(),
             config=run_setup.deepspeed_config(cfg),
@@ -68,12 +76,8 @@ class Trainer:
         # Read checkpoints back without unpickling arbitrary objects.
         self.engine.checkpoint_engine = checkpoint.SafeCheckpointEngine(self.engine._config)
         self.start_step, epoch, batch, resumed = run_setup.start_position(cfg, self.engine, commit)
+        # Under bf16 DeepSpeed casts the parameters; BatchNorm's running statistics stay fp32.
         self.gen_dtype = next(self.engine.module.parameters()).dtype
-        # Under bf16 DeepSpeed casts the parameters but, with ZeRO, leaves the buffers fp32;
-        # BatchNorm needs its running statistics in its weights' dtype.
-        for buffer in self.engine.module.buffers():
-            if buffer.is_floating_point():
-                buffer.data = buffer.data.to(self.gen_dtype)
 
         # Reporting.
         if distributed.is_main():
@@ -148,11 +152,11 @@ class Trainer:
             self.gen_dtype,
             self.clock,
         )
-        start = time.perf_counter()
         # Write the rows back and agree to go on: a non-finite loss or a failed write-back on
         # any process stops every process (each says why in one line); a stop signal on any
         # process ends the run after this batch's checkpoint.
-        nonfinite, error = bool(bad), None  # the batch's one host sync
+        nonfinite, error = bool(bad), None  # the batch's one host sync: the device is done
+        start = time.perf_counter()
         if not nonfinite:
             try:
                 self.latents.write_rows(rows, phi.detach().cpu())
