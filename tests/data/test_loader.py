@@ -266,3 +266,18 @@ def test_missing_shard_set_and_too_many_ranks(tmp_path, shards):
         ShardLoader(shards, batch_size=4, world_size=12)
     with pytest.raises(ValueError, match="hold 8px images, not 32px"):
         ShardLoader(shards, batch_size=4, image_size=32)
+
+
+def test_pixels_become_the_same_floats_on_every_device():
+    from lcm_dist.data.loader import images_on
+
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3).reshape(1, 16, 16, 3)
+    host = images_on(pixels, torch.device("cpu"))
+    assert host.shape == (1, 3, 16, 16) and host.is_contiguous()
+    # Exactly v / 255, divided on the host; a multiplication by 1/255 (a GPU's division by a
+    # scalar) misses the last bit of 126 of the 256 values, which is why a table is looked up.
+    assert torch.equal(host, pixels.permute(0, 3, 1, 2).float() / 255.0)
+    v = torch.arange(256, dtype=torch.float32)
+    assert (v / 255.0 != v * (1 / 255.0)).sum() > 0
+    # On another device the same table is indexed there (meta: shapes only).
+    assert images_on(pixels, torch.device("meta")).shape == host.shape
