@@ -6,7 +6,12 @@
 
 Sample i (in the order given; folders and globs sorted) gets global row index i, the row of the
 latent store that holds its phi. Images are centre-cropped to a square and resized to
---image-size. The folder gets shard-NNNNNN.tar files, keys.txt (line i = source of row i) and
+--image-size; --resize squash --normalize minmax prepares them as the authors prepared CelebA
+(the whole image squashed to the square, then each image's values stretched to span 0-255):
+
+    python launch/make_shards.py celeba/img_align_celeba/ --out data/celeba128-shards \
+        --image-size 128 --resize squash --normalize minmax --format jpg
+ The folder gets shard-NNNNNN.tar files, keys.txt (line i = source of row i) and
 manifest.json (shard list, counts, row ranges, image size, SHA-256 checksums), written last.
 """
 
@@ -62,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-crops (%(default)s)")
     parser.add_argument(
+        "--resize",
+        choices=("crop", "squash"),
+        default="crop",
+        help="crop: the centre square (default); squash: the whole image, its aspect ratio "
+        "changed (the authors' CelebA preparation)",
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=("none", "minmax"),
+        default="none",
+        help="minmax: stretch each image's values to span 0-255 (the authors' per-image "
+        "min-max scaling); none: keep them (default)",
+    )
+    parser.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -114,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             samples = ((path, path) for path in files)
         if args.png:
-            count = write_pngs(samples, args.out, args.image_size, overwrite=args.overwrite)
+            count = write_pngs(
+                samples,
+                args.out,
+                args.image_size,
+                overwrite=args.overwrite,
+                resize=args.resize,
+                normalize=args.normalize,
+            )
             print(f"wrote {count} PNG files (000000.png ...) and keys.txt to {args.out}")
             return 0
         write_shards(
@@ -125,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             image_format=args.format or "png",
             progress=not args.quiet,
             overwrite=args.overwrite,
+            resize=args.resize,
+            normalize=args.normalize,
         )
         if args.verify:
             verify_shards(args.out)

@@ -78,15 +78,39 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
 
 
-def prepare_image(image: Image.Image, image_size: int) -> Image.Image:
-    """RGB, centre-cropped to a square, resized to ``image_size`` (Lanczos)."""
+RESIZE_MODES = ("crop", "squash")
+NORMALIZE_MODES = ("none", "minmax")
+
+
+def prepare_image(
+    image: Image.Image, image_size: int, resize: str = "crop", normalize: str = "none"
+) -> Image.Image:
+    """RGB, made square and resized to ``image_size`` (Lanczos): ``resize`` "crop" takes the
+    centre square, "squash" resizes the whole image, changing its aspect ratio (the authors'
+    CelebA preparation). ``normalize`` "minmax" then stretches the image's values to span
+    0-255 (its darkest value to 0, its brightest to 255, over all channels: the authors'
+    per-image min-max scaling to [0, 1]); "none" keeps them."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(
+            f"normalize must be one of {', '.join(NORMALIZE_MODES)}, not {normalize!r}"
+        )
     image = image.convert("RGB")
     w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != image_size:
+    if resize == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        w = h = side
+    if (w, h) != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    if normalize == "minmax":
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        if high > low:
+            scaled = np.rint((pixels - low) * (255.0 / (high - low)))
+            image = Image.fromarray(scaled.astype(np.uint8), "RGB")
     return image
 
 
@@ -140,11 +164,15 @@ def write_shards(
     image_format: str = "png",
     progress: bool = True,
     overwrite: bool = False,
+    resize: str = "crop",
+    normalize: str = "none",
 ) -> dict:
     """Write ``samples`` ((key, image or image path) pairs) as shards in ``out_dir``.
 
-    Returns the manifest. Images are centre-cropped and resized to ``image_size``.
+    Returns the manifest. Images are made square and resized to ``image_size``, and
+    normalized, as ``prepare_image`` says (default: centre-cropped, values kept).
     """
+    prepare_image(Image.new("RGB", (1, 1)), 1, resize, normalize)  # bad modes fail first
     if image_size <= 0 or samples_per_shard <= 0:
         raise ValueError("image_size and samples_per_shard must be positive")
     if image_format not in IMAGE_FORMATS:
@@ -183,7 +211,7 @@ def write_shards(
                     tar = open_shard(tmp_path)
                     shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
                 try:
-                    image = prepare_image(image, image_size)
+                    image = prepare_image(image, image_size, resize, normalize)
                 except (OSError, ValueError) as err:
                     raise ValueError(f"cannot convert image {key}: {err}") from None
                 keys_file.write(add_sample(tar, row, key, image, image_format) + "\n")
@@ -219,6 +247,8 @@ def write_shards(
         "channels": 3,
         "image_format": image_format,
         "samples_per_shard": samples_per_shard,
+        "resize": resize,
+        "normalize": normalize,
         "num_samples": row,
         "keys_file": KEYS,
         "shards": shards,
@@ -277,9 +307,11 @@ def write_pngs(
     out_dir: str | os.PathLike,
     image_size: int,
     overwrite: bool = False,
+    resize: str = "crop",
+    normalize: str = "none",
 ) -> int:
-    """Write ``samples`` as ``NNNNNN.png`` files (centre-cropped, resized) and ``keys.txt``;
-    returns how many."""
+    """Write ``samples`` as ``NNNNNN.png`` files (prepared as ``prepare_image`` says) and
+    ``keys.txt``; returns how many."""
     out = Path(out_dir)
     if out.is_dir() and any(out.glob("*.png")) and not overwrite:
         raise ValueError(f"{out} already holds PNG files; pass --overwrite")
@@ -288,7 +320,7 @@ def write_pngs(
     for i, (key, image) in enumerate(samples):
         if isinstance(image, str):
             image = load_image(image)
-        prepare_image(image, image_size).save(out / f"{i:06d}.png")
+        prepare_image(image, image_size, resize, normalize).save(out / f"{i:06d}.png")
         keys.append(str(key).replace("\n", " "))
     (out / KEYS).write_text("".join(k + "\n" for k in keys))
     return len(keys)

@@ -145,3 +145,34 @@ def test_make_shards_random_crops_with_held_out_photos(tmp_path, cli):
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 9 and Image.open(pngs[0]).size == (16, 16)
     assert all("test-3" in k for k in (tmp_path / "png" / "keys.txt").read_text().splitlines())
+
+
+def test_the_authors_celeba_preparation_squashes_and_stretches_each_image(tmp_path, cli):
+    from lcm_dist.data.loader import ShardLoader
+
+    src = tmp_path / "faces"
+    src.mkdir()
+    # A 40x20 image with values 50 (columns 0-29) and 150 (columns 30-39).
+    wide = np.full((20, 40, 3), 50, dtype=np.uint8)
+    wide[:, 30:] = 150
+    Image.fromarray(wide).save(src / "a.png")
+    args = ["--image-size", "16", "--quiet", "--resize", "squash", "--normalize", "minmax"]
+    done = cli("make_shards", src, "--out", tmp_path / "s", *args)
+    assert done.returncode == 0, done.stderr
+    manifest = load_manifest(tmp_path / "s")
+    assert (manifest["resize"], manifest["normalize"]) == ("squash", "minmax")
+    pixels = next(iter(ShardLoader(str(tmp_path / "s"), batch_size=1))).pixels[0].numpy()
+    # Squashed, not cropped: the bright quarter is still there (4 of the 16 columns), and the
+    # values span 0-255 (Lanczos rings a little at the step, so the extremes lie there).
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert (pixels[:, :10] < 20).all() and (pixels[:, 13:] > 235).all()
+    # The default crops the centre square (columns 10-29): all dark, values kept.
+    done = cli("make_shards", src, "--out", tmp_path / "c", "--image-size", "16", "--quiet")
+    assert done.returncode == 0, done.stderr
+    pixels = next(iter(ShardLoader(str(tmp_path / "c"), batch_size=1))).pixels[0].numpy()
+    assert (pixels == 50).all()
+
+
+def test_an_unknown_preparation_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="resize must be one of crop, squash, not 'stretch'"):
+        write_shards(_images(1, size=8), tmp_path / "s", 8, 2, progress=False, resize="stretch")
