@@ -5,6 +5,8 @@ python launch/bench.py store        # latents paged through the Zarr store vs in
 python launch/bench.py step         # the trainer's step vs a bare PyTorch loop, local and S3
 python launch/bench.py scale        # 1,000,000 vs 10,000 images: creation time, peak RSS
 python launch/bench.py throughput   # raw store MB/s vs a plain file on the same disk
+python launch/bench.py gpu          # the paper's model on this GPU: MFU, time shares, syncs,
+                                    # trainer vs bare loop, restoration (--quick: tiny, CPU too)
 """
 
 from __future__ import annotations
@@ -26,7 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of a table"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="gpu: tiny sizes (the demo32 model), runs on a CPU"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="gpu: the device's dense bf16 peak for the MFU (default: from the device's name)",
+    )
     args = parser.parse_args(argv)
+    options = {}
+    if args.name == "gpu":
+        options = {"quick": args.quick, "peak": args.peak_tflops}
+    elif args.quick or args.peak_tflops:
+        parser.error("--quick and --peak-tflops apply to the gpu benchmark only")
     if args.json:
         # Everything the benchmark prints (training logs, library warnings, subprocesses) goes
         # to stderr, so stdout holds the one JSON object.
@@ -35,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(2, 1)
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                result = BENCHMARKS[args.name]()
+                result = BENCHMARKS[args.name](**options)
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
         print(json.dumps(result), flush=True)
         return 0
-    result = BENCHMARKS[args.name]()
+    result = BENCHMARKS[args.name](**options)
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

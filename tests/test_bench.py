@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from tests.helpers import load_script, process_state
 
 
@@ -48,3 +50,66 @@ def test_step_benchmark_compares_the_trainer_with_a_bare_loop_locally_and_on_s3(
         )
     assert result["trainer_vs_bare"] == result["cases"]["demo32_inner1_local"]["ratio"]
     assert result["trainer_vs_bare_s3"] == result["cases"]["demo32_inner1_s3"]["ratio"]
+
+
+STEP_FIELDS = {
+    "precision",
+    "batch",
+    "image_inner_steps_per_s",
+    "tflops",
+    "mfu",
+    "peak_memory_gb",
+    "inner_step_ms",
+    "share",
+    "host_syncs_per_inner_step",
+}
+
+
+def test_gpu_benchmark_quick_runs_on_a_cpu_with_the_fields_of_a_gpu_run(capfd):
+    bench = load_script("bench")
+    with process_state():
+        assert bench.main(["gpu", "--quick", "--json", "--peak-tflops", "1.5"]) == 0
+    out, err = capfd.readouterr()
+    result = json.loads(out)
+    assert "bench gpu: trainer" in err  # each part's numbers as it ends
+    assert result["quick"] and result["preset"] == "demo32"
+    assert result["peak_tflops"] == 1.5 and result["peak_source"] == "--peak-tflops"
+    assert result["planner_batch"] == 128  # configs/big.json's per-GPU batch
+    assert result["flops_per_image_inner_step"] > 0
+    assert set(result["steps"]) == {"fp32_b2", "fp32_b4", "bf16_b2", "bf16_b4"}
+    for case in result["steps"].values():
+        assert set(case) == STEP_FIELDS, case
+        assert case["inner_step_ms"] > 0 and case["tflops"] > 0
+        assert case["mfu"] == pytest.approx(case["tflops"] / 1.5, rel=1e-3)
+        assert set(case["share"]) == {"latent_nets", "generator", "loss", "optimizers"}
+        assert 0.9 < sum(case["share"].values()) < 1.1
+        assert case["host_syncs_per_inner_step"] is None  # nothing synchronises on a CPU
+    layout = result["layout"]
+    for key in ("contiguous_ms", "channels_last_ms", "channels_last_cudnn_benchmark_ms"):
+        assert layout[key] > 0
+    assert layout["compiled_ms"] is None and "skipped" in layout["compile_error"]
+    trainer = result["trainer"]
+    assert "error" not in trainer, trainer
+    assert trainer["trainer_ms_per_batch"] > 0 and trainer["bare_ms_per_batch"] > 0
+    assert trainer["paging_vs_on_device"] >= 1.0
+    assert 0 < trainer["latent_paging_share"] < 1
+    restoration = result["restoration"]
+    assert restoration["images_per_s"] > 0 and restoration["dip_seconds_per_image"] > 0
+    assert restoration["timed_iterations"] == restoration["iterations"] == 5
+    assert set(result["summary"]) == {
+        "mfu_bf16_planner_batch",
+        "tflops_bf16_planner_batch",
+        "trainer_vs_bare",
+        "paging_vs_on_device",
+        "host_syncs_per_inner_step_trainer",
+        "host_syncs_per_iteration_restoration",
+    }
+    assert result["summary"]["mfu_bf16_planner_batch"] == result["steps"]["bf16_b4"]["mfu"]
+
+
+def test_bench_options_belong_to_the_gpu_benchmark(capsys):
+    bench = load_script("bench")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["store", "--quick"])
+    assert exit_.value.code == 2
+    assert "apply to the gpu benchmark only" in capsys.readouterr().err
