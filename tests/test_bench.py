@@ -77,6 +77,9 @@ def test_gpu_benchmark_quick_runs_on_a_cpu_with_the_fields_of_a_gpu_run(capfd):
     assert result["planner_batch"] == 128  # configs/big.json's per-GPU batch
     assert result["flops_per_image_inner_step"] > 0
     assert set(result["steps"]) == {"fp32_b2", "fp32_b4", "bf16_b2", "bf16_b4"}
+    layers = result["steps"]["bf16_b4"].pop("generator_forward_layers_ms")
+    assert len(layers) == 10 and all(ms > 0 for ms in layers.values())
+    assert list(layers.values()) == sorted(layers.values(), reverse=True)
     for case in result["steps"].values():
         assert set(case) == STEP_FIELDS, case
         assert case["inner_step_ms"] > 0 and case["tflops"] > 0

@@ -9,7 +9,8 @@
   the share of an inner step spent in the latent nets, the generator, the loss and the
   optimizers (forward and backward of each; marks recorded by CUDA events, and inside the
   backward pass by gradient hooks), and the host syncs per inner step
-  (``torch.cuda.set_sync_debug_mode``; on a CPU there is no such thing: null);
+  (``torch.cuda.set_sync_debug_mode``; on a CPU there is no such thing: null), and for bf16 at
+  the planner's batch the ten slowest layers of the generator's forward pass;
 * ``layout``: the bf16 step at the planner's batch with contiguous and channels_last
   activations, with cuDNN's autotuner, and compiled (``torch.compile``);
 * ``trainer``: the trainer's batch (``Trainer.step``: shards, the latent store, DeepSpeed with
@@ -218,6 +219,38 @@ def measure_steps(step: BareStep, clock: Clock, warmup: int, repeats: int) -> di
     return out
 
 
+def layer_forward_ms(step: BareStep, clock: Clock, repeats: int) -> dict[str, float]:
+    """Median forward milliseconds of each layer of the generator (its convolutions and
+    normalisations, by forward hooks), the ten slowest, slowest first: where the forward pass
+    spends its time, for the MFU."""
+    marks: dict[str, list] = {}
+    handles = []
+    for name, module in step.generator.named_modules():
+        if not list(module.children()):  # leaf layers
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, i, name=name: marks.setdefault(name, []).append([clock.mark()])
+                )
+            )
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, i, o, name=name: marks[name][-1].append(clock.mark())
+                )
+            )
+    try:
+        for _ in range(repeats):
+            step()
+        clock.sync()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ms = {
+        name: statistics.median(clock.ms(a, b) for a, b in pairs) for name, pairs in marks.items()
+    }
+    slowest = sorted(ms.items(), key=lambda kv: -kv[1])[:10]
+    return {name: round(value, 3) for name, value in slowest}
+
+
 def _peak_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -245,6 +278,10 @@ def bench_steps(model, batches, device, clock, flops, peak, warmup, repeats) -> 
                 "peak_memory_gb": _peak_gb(device),
                 **r,
             }
+            if precision == "bf16" and batch == batches[-1]:
+                out[f"{precision}_b{batch}"]["generator_forward_layers_ms"] = layer_forward_ms(
+                    step, clock, repeats
+                )
             del step
     return out
 
