@@ -11,10 +11,12 @@ from lcm_dist.restore.fit import DEFAULT_ITERATIONS, OPTIMIZERS, fit_settings, r
 from lcm_dist.restore.model import RestorationModel, default_device
 
 
-def add_fit_arguments(parser, *, task_required: bool) -> None:
-    """The command-line options restore.py and evaluate.py share: the export, the task and its
-    degradation, and the phi fit."""
+def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | None = None) -> None:
+    """The command-line options restore.py, evaluate.py and fit.py share: the export, the task
+    (one of ``tasks``, default the degradations) and its degradation, and the phi fit."""
     from lcm_dist.restore.degrade import TASKS
+
+    tasks = tasks or TASKS
 
     parser.add_argument("--model", required=True, help="export path or URL (launch/export.py)")
     parser.add_argument("--model-options", default="{}", help="fsspec options for --model, JSON")
@@ -26,7 +28,7 @@ def add_fit_arguments(parser, *, task_required: bool) -> None:
     parser.add_argument(
         "--task",
         required=task_required,
-        choices=TASKS,
+        choices=tasks,
         help="the degradation to undo"
         + ("" if task_required else " (required with images to restore)"),
     )

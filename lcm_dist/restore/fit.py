@@ -56,10 +56,11 @@ def fit_phi(
     optimizer: str | None = None,
     lr: float | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_loss: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Fit one phi per observation (B images at once), the generator frozen; returns
-    (restored images (B, C, H, W), phi (B, P)). ``optimizer`` and ``lr`` default per task
-    (``fit_settings``).
+    (restored images (B, C, H, W), phi (B, P)), and with ``return_loss`` each image's data
+    term at that phi (B,). ``optimizer`` and ``lr`` default per task (``fit_settings``).
 
     Each image's loss is its own data term (summed over the batch, so the images do not
     interact); phi's conv weights are clamped after every step as in training. Each image
@@ -78,7 +79,10 @@ def fit_phi(
             on_step(it, per_image)
     with torch.no_grad():
         state.keep_best(operator.data_term(model.render(state.phi), observed, **model.loss))
-        return model.render(state.best_phi).clamp(0, 1).cpu(), state.best_phi.cpu()
+        images = model.render(state.best_phi).clamp(0, 1).cpu()
+    if return_loss:
+        return images, state.best_phi.cpu(), state.best_loss.cpu()
+    return images, state.best_phi.cpu()
 
 
 class FitState:
