@@ -5,6 +5,7 @@ python launch/bench.py store        # latents paged through the Zarr store vs in
 python launch/bench.py step         # the trainer's step vs a bare PyTorch loop, local and S3
 python launch/bench.py scale        # 1,000,000 vs 10,000 images: creation time, peak RSS
 python launch/bench.py throughput   # raw store MB/s vs a plain file on the same disk
+python launch/bench.py fit          # launch/fit.py on 1 and 2 CPU processes: images/s, speedup
 python launch/bench.py gpu          # the paper's model on this GPU: MFU, time shares, syncs,
                                     # trainer vs bare loop, restoration (--quick: tiny, CPU too)
 """

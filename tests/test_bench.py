@@ -116,3 +116,16 @@ def test_bench_options_belong_to_the_gpu_benchmark(capsys):
         bench.main(["store", "--quick"])
     assert exit_.value.code == 2
     assert "apply to the gpu benchmark only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_fit_benchmark_fits_on_one_and_two_processes_with_equal_results():
+    from lcm_dist.benchmarks.fit import bench_fit
+
+    result = bench_fit(images=32, iterations=1, batch_size=8)
+    assert result["images_per_s_1"] > 0 and result["images_per_s_2"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["images_per_s_2"] / result["images_per_s_1"], abs=1e-3
+    )
+    assert result["max_abs_diff"] == 0.0  # the units do not depend on the number of processes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lcm_dist.benchmarks.fit import bench_fit
 from lcm_dist.benchmarks.gpu import bench_gpu
 from lcm_dist.benchmarks.latent import bench_latent
 from lcm_dist.benchmarks.scale import bench_scale
@@ -16,6 +17,7 @@ from lcm_dist.benchmarks.store import bench_store
 from lcm_dist.benchmarks.throughput import bench_throughput
 
 BENCHMARKS: dict[str, Callable[..., dict]] = {
+    "fit": bench_fit,
     "gpu": bench_gpu,
     "latent": bench_latent,
     "store": bench_store,
