@@ -34,6 +34,7 @@ import fsspec
 import numpy as np
 import torch
 
+from lcm_dist.faults import fail_point
 from lcm_dist.restore.degrade import (
     Degradation,
     Inpaint,
@@ -183,6 +184,7 @@ class FitOutput:
             for name in ("images", "done"):
                 self.fs.makedirs(_join(self.root, name), exist_ok=True)
             self._folders = True
+        fail_point("fit.write_unit")
         group["latents"][lo:hi] = result["phi"]
         group["loss"][lo:hi] = result["loss"]
         if result.get("psnr") is not None:

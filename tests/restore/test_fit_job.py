@@ -191,3 +191,21 @@ def test_a_fit_killed_on_two_processes_resumes_and_fits_each_image_once(
         [lo, lo + 4] for lo in range(0, 64, 4)
     ]
     np.testing.assert_array_equal(_latents(killed)[1], _latents(reference)[1])
+
+
+def test_a_full_disk_stops_the_fit_in_one_line_and_keeps_what_was_committed(
+    cli, tmp_path, trained_export, demo64_shards
+):
+    out = tmp_path / "out"
+    args = ["--model", trained_export, "--task", "colorize", demo64_shards, "--out", out, *FIT]
+    proc = cli("fit", *args, env={"LCM_DIST_FAIL_AT": "fit.write_unit:2"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: cannot write the fit's output (fit.write_unit): no space left on device"
+    )
+    assert [p.name for p in (out / "done").iterdir()] == ["unit-00000000.json"]
+    first = _latents(out)[1][:16].copy()
+    proc = cli("fit", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fitted 48 image(s)" in proc.stderr
+    np.testing.assert_array_equal(_latents(out)[1][:16], first)
