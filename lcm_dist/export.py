@@ -82,33 +82,21 @@ def _locate(path: str, base: Path | None) -> str:
     return str(base / path)
 
 
-def export_run(
-    run_dir: str | os.PathLike,
-    out_url: str,
-    *,
-    storage_options: dict | None = None,
-    shards: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Write the newest commit of the run in ``run_dir`` to ``out_url``; returns the group's
-    attributes. ``shards`` overrides where the run's ``keys.txt`` is read from."""
-    import fsspec
-    import zarr
-
-    run = Path(run_dir)
+def open_trained_run(run: Path, shards: str | None = None, what: str = "export"):
+    """A trained run's newest commit, seen from the current directory: ``(config, commit,
+    latent store at the commit's slots (read-only), keys of its rows)``. ``shards`` overrides
+    where the run's ``keys.txt`` is read from; ``what`` names the command in errors."""
     cfg = _run_config(run)
     commit = checkpoint.find_latest(run)
     if commit is None:
-        raise ExportError(f"the run in {run} has no committed checkpoint to export yet")
+        raise ExportError(f"the run in {run} has no committed checkpoint to {what} yet")
     state = commit.state
     if state.get("store_url") is None or commit.slots is None:
         raise ExportError(
-            f"the run in {run} kept its latents in RAM (store.in_ram), so there are none to export"
+            f"the run in {run} kept its latents in RAM (store.in_ram), so there are none to {what}"
         )
-    model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
     num_images = int(state["num_images"])
-    # Relative paths in the run are relative to where training ran, not to where export runs.
+    # Relative paths in the run are relative to where training ran, not to where this runs.
     base = _training_dir(run, cfg.run_dir)
     given = shards is not None
     shards = shards or _locate(cfg.data.shards, base)
@@ -132,11 +120,33 @@ def export_run(
         if not cfg.store.url
         else _locate(state["store_url"], base)
     )
-    retry = retry_policy(cfg)
     store = LatentStore.open(
-        store_url, storage_options=cfg.store.storage_options, mode="r", retry=retry
+        store_url, storage_options=cfg.store.storage_options, mode="r", retry=retry_policy(cfg)
     )
     store.restore_slots(commit.slots)
+    return cfg, commit, store, keys
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_url: str,
+    *,
+    storage_options: dict | None = None,
+    shards: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the newest commit of the run in ``run_dir`` to ``out_url``; returns the group's
+    attributes. ``shards`` overrides where the run's ``keys.txt`` is read from."""
+    import fsspec
+    import zarr
+
+    run = Path(run_dir)
+    cfg, commit, store, keys = open_trained_run(run, shards, "export")
+    state = commit.state
+    model = model_from_dict(state["model"], f"{commit.folder / 'state.json'}")
+    num_images = int(state["num_images"])
+    retry = retry_policy(cfg)
 
     def write(op, what: str):
         """``op()``, retried on transient errors; ``what`` names it in errors."""

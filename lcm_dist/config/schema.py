@@ -163,6 +163,17 @@ class TrainConfig(Section):
         description="Let cuDNN time its convolution algorithms at the start and keep the fastest "
         "(GPUs; off under train.deterministic)",
     )
+    grow_from: str = Field(
+        "",
+        description="A trained run folder to grow: a new run_dir starts from its newest commit "
+        "(generator, optimizer state, step, the phi of its images) on shards whose first rows "
+        "are that run's images in order",
+    )
+    new_rows_from: str = Field(
+        "",
+        description="With grow_from: a launch/fit.py output (folder or URL) with the new "
+        "images' fitted phi, matched by key; empty: the new rows start from the default init",
+    )
 
 
 class StoreConfig(Section):

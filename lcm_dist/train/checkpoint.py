@@ -251,6 +251,30 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
     return tag
 
 
+def commit_copy(commit: Commit, run_dir: str | os.PathLike, state: dict, slots) -> str:
+    """Commit, as ``run_dir``'s first checkpoint, a copy of ``commit``'s files with a new
+    ``state`` and slot table (a grown run starts from its parent's newest commit). Returns the
+    tag. One process writes it."""
+    run = Path(run_dir)
+    folder = run / FOLDER / commit.tag
+    if folder.exists():
+        shutil.rmtree(folder)  # left by an attempt that crashed before committing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(commit.folder, folder)
+    np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
+    _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
+    files = {
+        str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    tmp = run / (POINTER + ".tmp")
+    _write_json(tmp, {"tag": commit.tag, "step": state["step"], "files": files})
+    os.replace(tmp, run / POINTER)
+    _fsync_dir(run)
+    return commit.tag
+
+
 def committed_tag(run_dir: str | os.PathLike) -> str | None:
     """The tag the run's commit pointer names, read from the pointer alone (``find_latest``
     also verifies every file of it); None if the run has no commit."""

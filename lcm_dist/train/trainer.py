@@ -47,6 +47,18 @@ class Trainer:
         manifest, self._lock, commit = distributed.together(
             "starting the run", lambda: run_setup.prepare(cfg)
         )
+        if commit is None and cfg.train.grow_from:
+            from lcm_dist.train.grow import grow_run
+
+            distributed.together(
+                f"growing {cfg.train.grow_from}",
+                lambda: (
+                    grow_run(cfg, manifest, cfg.log.progress) if distributed.is_main() else None
+                ),
+            )
+            commit = distributed.together(
+                "reading the grown run's commit", lambda: checkpoint.find_latest(cfg.run_dir)
+            )
         self.num_rows = manifest["num_samples"]
         self.finished_at = None
         if commit is not None and commit.state["step"] >= cfg.train.max_steps:
