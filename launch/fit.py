@@ -152,6 +152,7 @@ def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
         ring_weight=args.ring_weight,
         ring_width=args.ring_width,
         raw=args.raw,
+        init=args.init,
     )
     model_url = args.model if "://" in args.model else os.path.abspath(args.model)
     attrs = {

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from lcm_dist.restore.degrade import Degradation
-from lcm_dist.restore.fit import DEFAULT_ITERATIONS, OPTIMIZERS, fit_settings, restore
+from lcm_dist.restore.fit import DEFAULT_ITERATIONS, INITS, OPTIMIZERS, fit_settings, restore
 from lcm_dist.restore.model import RestorationModel, default_device
 
 
@@ -83,6 +83,20 @@ def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | N
         "--batch-size", type=int, default=16, help="images fitted at once (%(default)s)"
     )
     parser.add_argument(
+        "--init",
+        choices=INITS,
+        default="default",
+        help="where each phi starts: the seed-42 init of training (default), the mean trained "
+        "phi, or the trained phi whose image is nearest the observation (of 256 spread over the "
+        "export)",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=("authors",),
+        help="authors: their inpainting fit (SGD at lr 0.02 per image, 3,001 iterations, ring "
+        "weight 5 over 5 pixels, the raw generated image); sets those options",
+    )
+    parser.add_argument(
         "--raw",
         action="store_true",
         help="inpainting: keep the whole generated image (default: observed pixels put back)",
@@ -110,6 +124,12 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
             f"--device {args.device}: this machine has {torch.cuda.device_count()} usable CUDA "
             "device(s); use cpu"
         )
+    if getattr(args, "recipe", None) == "authors":
+        # The authors fit 50 images at SGD lr 1.0 on the batch's mean loss: lr 0.02 on each
+        # image's own loss (REFERENCE.md).
+        args.optimizer, args.lr, args.iterations, args.raw = "sgd", 0.02, 3001, True
+        if args.task == "inpaint":
+            args.ring_weight, args.ring_width = 5.0, 5
     if restoring:
         args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
 
@@ -146,6 +166,7 @@ def restore_from_args(model: RestorationModel, observed: torch.Tensor, operator:
         lr=args.lr,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        init=args.init,
     )
 
 

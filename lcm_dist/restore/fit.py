@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from lcm_dist.memory import keep_freed_memory
@@ -30,6 +31,73 @@ training did), and the generator fills the hole with texture it never produced i
 0.01 is as good as SGD at 0.25 and SGD at 1.0 is 2 dB worse."""
 OPTIMIZER_LR = {"sgd": 0.25, "adam": 0.01}
 """Learning rate for an optimizer that is not the task's default."""
+
+
+INITS = ("default", "mean", "nearest")
+"""Where each image's phi starts: the authors' seed-42 init every training image started from
+(``default``), the mean of the trained phi (``mean``), or the trained phi, among
+``NEAREST_CANDIDATES`` training images spread evenly over the export's rows, whose generated
+image has the lowest data term against the observation (``nearest``)."""
+NEAREST_CANDIDATES = 256
+
+
+def _candidates(model: RestorationModel, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi (K, P), their generated images (K, C, H, W)) of ``count`` training images at
+    evenly spaced rows of the export, on the model's device; computed once per model."""
+    cache = getattr(model, "_nearest_cache", None)
+    if cache is not None and cache[0] == count:
+        return cache[1], cache[2]
+    n = int(model.attrs["num_images"])
+    rows = sorted({int(r) for r in np.linspace(0, n - 1, min(count, n))})
+    latents = model.group["latents"]
+    phi = torch.from_numpy(np.stack([np.asarray(latents[r], dtype=np.float32) for r in rows]))
+    phi = phi.to(model.device)
+    with torch.no_grad():
+        images = torch.cat([model.render(phi[i : i + 64]) for i in range(0, len(rows), 64)])
+    model._nearest_cache = (count, phi, images)
+    return phi, images
+
+
+def mean_phi(model: RestorationModel) -> torch.Tensor:
+    """The mean of the export's trained phi (P,), streamed over its rows; computed once."""
+    cached = getattr(model, "_mean_phi", None)
+    if cached is not None:
+        return cached
+    latents = model.group["latents"]
+    n = int(model.attrs["num_images"])
+    total = np.zeros(latents.shape[1], dtype=np.float64)
+    step = max(1, latents.chunks[0])
+    for lo in range(0, n, step):
+        total += np.asarray(latents[lo : min(lo + step, n)], dtype=np.float64).sum(0)
+    model._mean_phi = torch.from_numpy((total / n).astype(np.float32)).to(model.device)
+    return model._mean_phi
+
+
+def starting_phi(
+    model: RestorationModel,
+    observed: torch.Tensor,
+    operator: Degradation,
+    init: str = "default",
+    candidates: int = NEAREST_CANDIDATES,
+) -> torch.Tensor:
+    """Each image's starting phi (B, P) on the model's device (``INITS``). ``nearest`` picks per
+    image, so an image's start does not depend on the rest of its batch."""
+    batch = observed.shape[0]
+    if init == "default":
+        return model.initial_phi.expand(batch, -1).clone()
+    if init == "mean":
+        return mean_phi(model).expand(batch, -1).clone()
+    if init != "nearest":
+        raise ValueError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
+    phi, images = _candidates(model, candidates)
+    observed = observed.to(model.device)
+    picks = []
+    with torch.no_grad():
+        for b in range(batch):
+            one = operator.subset(slice(b, b + 1))
+            y = observed[b : b + 1].expand(images.shape[0], *observed.shape[1:])
+            picks.append(int(one.data_term(images, y, **model.loss).argmin()))
+    return phi[picks].clone()
 
 
 def fit_settings(task: str, optimizer: str | None = None, lr: float | None = None):
@@ -57,6 +125,7 @@ def fit_phi(
     lr: float | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     return_loss: bool = False,
+    init: str = "default",
 ) -> tuple[torch.Tensor, ...]:
     """Fit one phi per observation (B images at once), the generator frozen; returns
     (restored images (B, C, H, W), phi (B, P)), and with ``return_loss`` each image's data
@@ -72,7 +141,8 @@ def fit_phi(
     name, lr = fit_settings(operator.name, optimizer, lr)
     keep_freed_memory(model.device)  # on the CPU an iteration reuses the pages the last freed
     observed, operator = observed.to(model.device), operator.to(model.device)
-    state = FitState(model, observed.shape[0], name, lr)
+    start = starting_phi(model, observed, operator, init)
+    state = FitState(model, start, name, lr)
     for it in range(iterations):
         per_image = state.step(observed, operator)
         if on_step is not None:
@@ -91,9 +161,15 @@ class FitState:
     ``step`` is one iteration; it copies nothing from the host and reads nothing back, so
     iterations queue on a GPU without waiting for it."""
 
-    def __init__(self, model: RestorationModel, batch: int, optimizer: str, lr: float):
+    def __init__(
+        self, model: RestorationModel, start: torch.Tensor | int, optimizer: str, lr: float
+    ):
+        """``start``: each image's starting phi (B, P), or B images from the default init."""
         self.model = model
-        self.phi = model.initial_phi.expand(batch, -1).clone().requires_grad_(True)
+        if isinstance(start, int):
+            start = model.initial_phi.expand(start, -1)
+        batch = start.shape[0]
+        self.phi = start.detach().clone().requires_grad_(True)
         self.optimizer = (
             torch.optim.SGD([self.phi], lr=lr)
             if optimizer == "sgd"
@@ -140,6 +216,7 @@ def restore(
     lr: float | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    init: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Restore many observations in batches of ``batch_size`` (``operator`` covers them all;
     per-image masks are sliced along). Returns (images, phi, seconds)."""
@@ -164,6 +241,7 @@ def restore(
             optimizer=optimizer,
             lr=lr,
             on_step=tick,
+            init=init,
         )
         images.append(x)
         phis.append(phi)

@@ -69,6 +69,7 @@ class FitSettings:
     ring_weight: float = 1.0
     ring_width: int = 0
     raw: bool = False
+    init: str = "default"
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -288,6 +289,7 @@ def fit_unit(model, inputs, settings: FitSettings, lo: int, hi: int) -> tuple[di
         optimizer=settings.optimizer,
         lr=settings.lr,
         return_loss=True,
+        init=settings.init,
     )
     if settings.task == "inpaint" and not settings.raw:
         images = operator.paste(y, images)

@@ -169,6 +169,33 @@ def test_fit_settings_per_task():
         fit_settings("inpaint", lr=0.0)
 
 
+def test_starting_phi_default_mean_and_nearest(trained_export):
+    import zarr
+
+    from lcm_dist.restore.fit import fit_phi, starting_phi
+    from lcm_dist.restore.model import load_model
+
+    model = load_model(str(trained_export))
+    latents = np.asarray(zarr.open_group(str(trained_export), mode="r")["latents"][:])
+    op = make_operator("inpaint", 64, 3)
+    y = op(model.reconstruct([5, 40, 63]))
+    start = starting_phi(model, y, op, "default")
+    assert torch.equal(start, model.initial_phi.expand(3, -1))
+    start = starting_phi(model, y, op, "mean")
+    torch.testing.assert_close(start[1], torch.from_numpy(latents.mean(0)), rtol=0, atol=1e-6)
+    # Training images observed through the hole: each starts from its own trained phi (all
+    # 64 rows are candidates), whatever else is in its batch.
+    start = starting_phi(model, y, op, "nearest")
+    assert torch.equal(start, torch.from_numpy(latents[[5, 40, 63]]))
+    assert torch.equal(starting_phi(model, y[1:2], op, "nearest")[0], start[1])
+    # A fit never ends worse than it started, so from the nearest start it stays close.
+    _, _, loss = fit_phi(model, y, op, iterations=5, init="nearest", return_loss=True)
+    start_loss = op.data_term(model.reconstruct([5, 40, 63]), y, **model.loss)
+    assert (loss <= start_loss + 1e-6).all()
+    with pytest.raises(ValueError, match="unknown --init 'best'"):
+        starting_phi(model, y, op, "best")
+
+
 def test_sgd_inpainting_fits_the_known_pixels(trained_export):
     from lcm_dist.restore.fit import fit_phi
     from lcm_dist.restore.model import load_model
@@ -554,3 +581,19 @@ def test_exported_batchnorm_statistics_are_the_trained_ones(trained_run, trained
     assert not torch.equal(
         state["dec4_bn.running_var"], torch.ones_like(state["dec4_bn.running_var"])
     )
+
+
+def test_the_authors_recipe_sets_their_fit():
+    import argparse
+
+    from lcm_dist.restore.cli import add_fit_arguments, settle_fit_arguments
+
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser, task_required=True)
+    args = parser.parse_args(["--model", "m", "--task", "inpaint", "--recipe", "authors"])
+    settle_fit_arguments(args)
+    assert (args.optimizer, args.lr, args.iterations, args.raw) == ("sgd", 0.02, 3001, True)
+    assert (args.ring_weight, args.ring_width, args.init) == (5.0, 5, "default")
+    args = parser.parse_args(["--model", "m", "--task", "superres", "--recipe", "authors"])
+    settle_fit_arguments(args)
+    assert (args.optimizer, args.lr, args.ring_width) == ("sgd", 0.02, 0)
