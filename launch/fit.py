@@ -124,6 +124,11 @@ def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
 
         args.device = str(device())  # this process's own GPU
     settle_fit_arguments(args, restoring=True)
+    if args.refine:
+        raise ValueError(
+            "--refine fine-tunes a generator per image, which a latent store cannot hold; use "
+            "launch/restore.py"
+        )
     if args.masks and args.task != "inpaint":
         raise ValueError("--masks is for --task inpaint")
     if args.masks and (args.mask or args.box or args.random_boxes or args.random_pixels):

@@ -91,6 +91,17 @@ def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | N
         "export)",
     )
     parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="joint refinement: after the phi fit, N Adam steps on a per-image copy of the "
+        "generator and phi (restore.py, evaluate.py; 0: off)",
+    )
+    parser.add_argument(
+        "--refine-lr", type=float, default=1e-4, help="Adam lr of --refine (%(default)s)"
+    )
+    parser.add_argument(
         "--recipe",
         choices=("authors",),
         help="authors: their inpainting fit (SGD at lr 0.02 per image, 3,001 iterations, ring "
@@ -123,6 +134,11 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
         raise ValueError(
             f"--device {args.device}: this machine has {torch.cuda.device_count()} usable CUDA "
             "device(s); use cpu"
+        )
+    if args.refine < 0 or not args.refine_lr > 0:
+        raise ValueError(
+            f"--refine must be >= 0 and --refine-lr positive, got {args.refine} and "
+            f"{args.refine_lr}"
         )
     if getattr(args, "recipe", None) == "authors":
         # The authors fit 50 images at SGD lr 1.0 on the batch's mean loss: lr 0.02 on each
@@ -167,6 +183,8 @@ def restore_from_args(model: RestorationModel, observed: torch.Tensor, operator:
         batch_size=args.batch_size,
         progress=not args.quiet,
         init=args.init,
+        refine=args.refine,
+        refine_lr=args.refine_lr,
     )
 
 

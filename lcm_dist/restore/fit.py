@@ -126,6 +126,8 @@ def fit_phi(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     return_loss: bool = False,
     init: str = "default",
+    refine: int = 0,
+    refine_lr: float = 1e-4,
 ) -> tuple[torch.Tensor, ...]:
     """Fit one phi per observation (B images at once), the generator frozen; returns
     (restored images (B, C, H, W), phi (B, P)), and with ``return_loss`` each image's data
@@ -150,9 +152,46 @@ def fit_phi(
     with torch.no_grad():
         state.keep_best(operator.data_term(model.render(state.phi), observed, **model.loss))
         images = model.render(state.best_phi).clamp(0, 1).cpu()
+    if refine:
+        images = refine_generator(model, observed, operator, state.best_phi, refine, refine_lr)
     if return_loss:
         return images, state.best_phi.cpu(), state.best_loss.cpu()
     return images, state.best_phi.cpu()
+
+
+def refine_generator(
+    model: RestorationModel,
+    observed: torch.Tensor,
+    operator: Degradation,
+    phi: torch.Tensor,
+    iterations: int,
+    lr: float,
+) -> torch.Tensor:
+    """Joint refinement: for each image, a copy of the generator (BatchNorm still in eval
+    mode) and its fitted phi fine-tuned together on that one observation for ``iterations``
+    Adam steps at ``lr`` (phi clamped as always); the generator adapts to the image from the
+    prior that training gave it. Returns the images (B, C, H, W) on the CPU; the model is
+    unchanged. Each image keeps its best iterate on its data term, its start included."""
+    import copy
+
+    out = []
+    for b in range(observed.shape[0]):
+        generator = copy.deepcopy(model.generator).requires_grad_(True)
+        one_phi = phi[b : b + 1].detach().clone().requires_grad_(True)
+        y, op = observed[b : b + 1], operator.subset(slice(b, b + 1))
+        optimizer = torch.optim.Adam([*generator.parameters(), one_phi], lr=lr)
+        best, best_loss = None, float("inf")
+        for _ in range(iterations + 1):
+            optimizer.zero_grad(set_to_none=True)
+            x = generator(model.net(one_phi))
+            loss = op.data_term(x, y, **model.loss).sum()
+            if float(loss) < best_loss:
+                best, best_loss = x.detach().clamp(0, 1).cpu(), float(loss)
+            loss.backward()
+            optimizer.step()
+            clamp_phi_(one_phi, model.net.mask, model.model.clamp)
+        out.append(best)
+    return torch.cat(out)
 
 
 class FitState:
@@ -217,6 +256,8 @@ def restore(
     batch_size: int = 16,
     progress: bool = True,
     init: str = "default",
+    refine: int = 0,
+    refine_lr: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Restore many observations in batches of ``batch_size`` (``operator`` covers them all;
     per-image masks are sliced along). Returns (images, phi, seconds)."""
@@ -242,6 +283,8 @@ def restore(
             lr=lr,
             on_step=tick,
             init=init,
+            refine=refine,
+            refine_lr=refine_lr,
         )
         images.append(x)
         phis.append(phi)

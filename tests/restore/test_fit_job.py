@@ -116,6 +116,8 @@ def test_fit_errors_are_one_line_naming_the_problem(cli, tmp_path, trained_expor
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {out} belongs to another fit (settings.task is 'embed' ")
     assert "choose another --out" in last
+    proc = cli("fit", *base, "--task", "embed", "--refine", "5", demo64_shards)
+    assert proc.returncode == 2 and "--refine fine-tunes a generator per image" in proc.stderr
     # Images of another size than the model's.
     small = tmp_path / "small"
     small.mkdir()

@@ -597,3 +597,21 @@ def test_the_authors_recipe_sets_their_fit():
     args = parser.parse_args(["--model", "m", "--task", "superres", "--recipe", "authors"])
     settle_fit_arguments(args)
     assert (args.optimizer, args.lr, args.ring_width) == ("sgd", 0.02, 0)
+
+
+def test_joint_refinement_lowers_the_data_term_and_leaves_the_model(trained_export):
+    from lcm_dist.restore.fit import fit_phi
+    from lcm_dist.restore.model import load_model
+
+    model = load_model(str(trained_export))
+    weights = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    op = make_operator("superres", 64, 2)
+    y = op(model.reconstruct([3, 30]) * 0.8 + 0.1)  # not exactly an image it generates
+    plain, phi = fit_phi(model, y, op, iterations=5)
+    refined, phi2 = fit_phi(model, y, op, iterations=5, refine=10, refine_lr=1e-3)
+    assert torch.equal(phi, phi2)  # the phi fit itself is unchanged
+    before = op.data_term(plain, y, **model.loss)
+    after = op.data_term(refined, y, **model.loss)
+    assert (after < before).all(), (before, after)
+    for k, v in model.generator.state_dict().items():
+        assert torch.equal(v, weights[k]), k
