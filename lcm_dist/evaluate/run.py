@@ -81,6 +81,12 @@ def evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
             "fill",
             "raw",
             "seed",
+            "init",
+            "refine",
+            "refine_lr",
+            "recipe",
+            "ring_weight",
+            "ring_width",
         )
     }
     settings["images"] = len(names)
