@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -92,7 +93,15 @@ def lock_run_dir(run_dir: str):
     handle = open(os.path.join(run_dir, ".lock"), "a+")
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):  # not "held by another process"
+            handle.close()
+            raise RunLockedError(
+                f"cannot lock {os.path.join(run_dir, '.lock')} ({os.strerror(err.errno or 0)}): "
+                "the filesystem of run_dir seems to lack POSIX record locks (some NFS or Lustre "
+                "mounts); mount it with locking (Lustre: -o flock; NFS: not nolock) or put "
+                "run_dir on a filesystem that has them"
+            ) from None
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()

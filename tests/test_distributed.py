@@ -97,3 +97,29 @@ def test_deepspeed_is_told_the_bound_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.device() == torch.device("cuda", 0)
     assert distributed.engine_args().device_rank == 0
+
+
+def test_a_filesystem_without_record_locks_is_named_not_blamed_on_another_process(
+    tmp_path, monkeypatch
+):
+    import errno
+    import fcntl
+
+    from lcm_dist.lifecycle import RunLockedError, lock_run_dir
+
+    def no_locks(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(RunLockedError) as caught:
+        lock_run_dir(str(tmp_path / "run"))
+    message = str(caught.value)
+    assert message.startswith(f"cannot lock {tmp_path / 'run' / '.lock'} (No locks available)")
+    assert "lack POSIX record locks" in message and "another" not in message
+
+    def held(handle, flags):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "lockf", held)
+    with pytest.raises(RunLockedError, match="another training process is using"):
+        lock_run_dir(str(tmp_path / "run"))
