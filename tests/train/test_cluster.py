@@ -141,6 +141,51 @@ def test_stop_signal_on_one_process_checkpoints_every_process_and_the_rerun_is_e
     assert_same_state(expected, final_state(cfg))
 
 
+SLURM_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_slurm_warning_signal_to_every_process_of_two_agents_commits_and_resumes_exactly(
+    tmp_path, demo_shards
+):
+    """SLURM's --signal sends SIGUSR1 to every process of the job step: both torchrun agents
+    (the README's recipe makes them handle it) and their trainers. The trainers finish the
+    batch and commit; re-running continues bitwise as if never stopped. (Without
+    --signals-to-handle the agents die of the signal and their trainers stop uncommitted.)"""
+    port = free_port()
+    reference = resume_config(tmp_path, demo_shards, "reference")
+    agents = [launch(reference, torchrun(1, port, 2, r) + SLURM_SIGNALS) for r in (0, 1)]
+    for agent in agents:
+        out, _ = agent.communicate(timeout=300)
+        assert agent.returncode == 0, out[-3000:]
+    expected = final_state(reference)
+
+    cfg = resume_config(tmp_path, demo_shards, "warned")
+    run_dir = tmp_path / "warned" / "run"
+    port = free_port()
+    agents = [launch(cfg, torchrun(1, port, 2, r) + SLURM_SIGNALS) for r in (0, 1)]
+    wait_for(lambda: committed_step(run_dir) >= 6, "the first commit", agents[0])
+    workers = [w for a in agents for w in trainers(a.pid)]
+    assert len(workers) == 2
+    for process in [*agents, *workers]:  # as SLURM does: every process at once
+        os.kill(process.pid, signal.SIGUSR1)
+    outs = [a.communicate(timeout=300)[0] for a in agents]
+    out = "".join(outs)
+    assert "SIGUSR1 received; finishing this batch, then checkpointing" in out, out[-3000:]
+    assert "launcher of this process" not in out  # no trainer was orphaned
+    stopped = committed_step(run_dir)
+    assert 6 <= stopped < 40, out[-3000:]
+    assert f"stopped on a stop signal: checkpoint step-{stopped:08d} is committed" in out
+
+    port = free_port()
+    agents = [launch(cfg, torchrun(1, port, 2, r) + SLURM_SIGNALS) for r in (0, 1)]
+    outs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs[0][-2000:] + outs[1][-2000:]
+    assert f"resuming from step-{stopped:08d} (2 -> 2 processes)" in "".join(outs)
+    assert_same_state(expected, final_state(cfg))
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_single_process_run_checkpoints_and_exits_0(tmp_path, demo_shards):
     cfg = resume_config(tmp_path, demo_shards, "single", train={"max_steps": 100000})
