@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +84,32 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
-def find_latest(run_dir: str | os.PathLike) -> Commit | None:
-    """The run's newest commit, verified file by file; None if the run has none yet."""
+_RANK_FILE = re.compile(r"(?:^rng-rank|zero_pp_rank_)(\d+)")
+
+
+def files_of_rank(names, rank: int, world: int) -> list[str]:
+    """The checkpoint files process ``rank`` of ``world`` verifies on resume: the per-rank
+    files of its own rank (and, on the last rank, those of ranks beyond the world, left by a
+    larger one), and on rank 0 every shared file, so that each file is read once."""
+    mine = []
+    for name in names:
+        found = _RANK_FILE.search(name)
+        if found is None:
+            if rank == 0:
+                mine.append(name)
+        else:
+            owner = int(found.group(1))
+            if owner == rank or (owner >= world and rank == world - 1):
+                mine.append(name)
+    return mine
+
+
+def find_latest(
+    run_dir: str | os.PathLike, verify: Callable[[list[str]], list[str]] | None = None
+) -> Commit | None:
+    """The run's newest commit, verified file by file (``verify`` picks which files of the
+    commit to hash, e.g. this process's share on resume; default all); None if the run has
+    none yet."""
     run = Path(run_dir)
     pointer = run / POINTER
     if not pointer.exists():
@@ -98,7 +123,9 @@ def find_latest(run_dir: str | os.PathLike) -> Commit | None:
             "it was damaged after the fact: restore it, or start a new run_dir"
         ) from None
     folder = run / FOLDER / tag
-    for name, (size, digest) in files.items():
+    names = list(files) if verify is None else verify(list(files))
+    for name in names:
+        size, digest = files[name]
         path = folder / name
         if not path.exists():
             raise CheckpointError(f"checkpoint file {path} is missing; restore it or start anew")

@@ -245,6 +245,13 @@ def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images:
         )
 
 
+def _my_share(names: list[str]) -> list[str]:
+    """The checkpoint files this process verifies on resume: each file is hashed by one
+    process (``checkpoint.files_of_rank``), and the agreement after ``prepare`` stops every
+    process if any found a bad one."""
+    return checkpoint.files_of_rank(names, distributed.rank(), distributed.world_size())
+
+
 def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
     """Checks that need no other process: the shards, the held-back images, the run lock (rank
     0) and the newest commit. Returns (manifest, lock, commit)."""
@@ -259,7 +266,7 @@ def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
 
         collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
-    commit = checkpoint.find_latest(cfg.run_dir)
+    commit = checkpoint.find_latest(cfg.run_dir, verify=_my_share)
     if commit is not None:
         _check_commit_matches(cfg, commit, manifest["num_samples"])
     return manifest, lock, commit

@@ -57,7 +57,8 @@ class Trainer:
                 ),
             )
             commit = distributed.together(
-                "reading the grown run's commit", lambda: checkpoint.find_latest(cfg.run_dir)
+                "reading the grown run's commit",
+                lambda: checkpoint.find_latest(cfg.run_dir, verify=run_setup._my_share),
             )
         self.num_rows = manifest["num_samples"]
         self.finished_at = None

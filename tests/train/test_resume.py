@@ -298,3 +298,30 @@ def test_a_full_disk_on_one_process_stops_the_others_with_one_line(
     assert f"process {failing} of the run stopped while {doing}" in err[other]
     assert "Traceback" not in err[0] + err[1]
     assert find_latest(tmp_path / "run" / "run") is None  # nothing was committed
+
+
+def test_each_checkpoint_file_is_verified_by_one_process():
+    from lcm_dist.train.checkpoint import files_of_rank
+
+    names = [
+        "generator.safetensors",
+        "state.json",
+        "slots.npy",
+        "mp_rank_00_model_states.pt",
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+        "rng-rank2.pt",
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    ]
+    for world in (1, 2, 3, 4):
+        shares = [files_of_rank(names, r, world) for r in range(world)]
+        assert sorted(n for share in shares for n in share) == sorted(names)  # each once
+    assert files_of_rank(names, 1, 2) == [
+        "rng-rank1.pt",
+        "rng-rank2.pt",  # left by a larger world: the last rank checks it
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    ]
+    assert "mp_rank_00_model_states.pt" in files_of_rank(names, 0, 2)
