@@ -1,6 +1,6 @@
 """A run's parts, built once and in order from its config: the data plan, the latent table,
 the models and the DeepSpeed engine, the position to start from. Also the checkpoint commit,
-which gathers the parts' state.
+which gathers the parts' state. (What runs every batch is in ``lcm_dist.train.batches``.)
 
 Every process calls these together: the steps that can fail on one process alone (reading the
 shards' manifest, opening the store, reading the checkpoint) run under
@@ -10,14 +10,11 @@ shards' manifest, opening the store, reading the checkpoint) run under
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
 from lcm_dist import distributed, lifecycle
 from lcm_dist.config import RunConfig, config_to_dict
-from lcm_dist.data.loader import ShardLoader
-from lcm_dist.data.plan import chunk_need_order
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.latents.cache import IO_NICENESS, WriteBackCache
 from lcm_dist.latents.layout import min_cache_bytes
@@ -25,6 +22,7 @@ from lcm_dist.latents.run_store import open_run_store, resolve_url
 from lcm_dist.latents.table import InMemoryLatentTable
 from lcm_dist.model.latent_net import initial_phi
 from lcm_dist.train import checkpoint
+from lcm_dist.train.batches import share_latent_slots
 
 BUCKET_ELEMENTS = 10_000_000
 """ZeRO's gradient and all-gather bucket size, in elements, unless the config sets one."""
@@ -140,30 +138,6 @@ def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> Wr
         # When the CPU computes the step, the I/O threads give way to it.
         io_niceness=IO_NICENESS if distributed.device().type == "cpu" else 0,
     )
-
-
-def _chunk_order(cfg: RunConfig, loader: ShardLoader, latents, epoch: int) -> list[int]:
-    if isinstance(latents, InMemoryLatentTable):
-        return []
-    shard_ids, _ = loader.plan(epoch)
-    return chunk_need_order(
-        loader.manifest, shard_ids, cfg.data.num_workers, latents.rows_per_chunk
-    )
-
-
-def share_latent_slots(latents) -> None:
-    """Tell every process where the others wrote their chunks. Every process has finished its
-    writes before this (flush) and the exchange is a collective, so the next reads see every
-    chunk's newest data. Nothing is committed here: only a checkpoint commits."""
-    changes = latents.changes()
-    if distributed.world_size() > 1:
-        # Each chunk was written by at most one process: -2 marks "not mine", MAX merges.
-        table = torch.full((latents.store.num_chunks,), -2, dtype=torch.int32)
-        for chunk, slot in changes.items():
-            table[chunk] = slot
-        table = distributed.max_over_ranks(table)
-        changes = {int(c): int(table[c]) for c in torch.nonzero(table > -2).flatten()}
-    latents.apply_changes(changes)
 
 
 # What decides the order in which an epoch deals its images: a resumed run whose values differ
@@ -310,32 +284,3 @@ def skip_lone_allreduce(engine) -> None:
     the reduction also partitions the gradients for the optimizer, so it stays."""
     if distributed.world_size() == 1 and not engine.zero_optimization():
         engine.enable_backward_allreduce = False
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without blocking the host: a non-blocking copy from page-locked memory
-    on a GPU (a tensor not page-locked is staged through PyTorch's pinned host cache, which
-    keeps the buffer until the copy ends).
-    On a CPU the tensor itself."""
-    if device.type != "cuda":
-        return t
-    if not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def next_batch(batches, latents, loader, cfg, epoch):
-    """The next batch and its phi rows (host memory); a new epoch first writes back and shares
-    the last one's latents. Returns (batch, phi, io stats at the epoch's end or None, seconds
-    spent waiting for the loader)."""
-    start = time.perf_counter()
-    batch = next(batches)
-    waited = time.perf_counter() - start
-    ended = None
-    if batch.epoch != epoch:
-        if epoch is not None:
-            latents.end_epoch()
-            share_latent_slots(latents)
-            ended = latents.stats()
-        latents.begin_epoch(_chunk_order(cfg, loader, latents, batch.epoch), batch.skipped_rows)
-    return batch, latents.read_rows(batch.rows), ended, waited

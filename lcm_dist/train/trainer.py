@@ -12,7 +12,7 @@ from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
 from lcm_dist.data.loader import ShardLoader, images_on
 from lcm_dist.model.generator import Generator, count_parameters, set_memory_format
 from lcm_dist.model.latent_net import BatchedLatentNet, phi_layout
-from lcm_dist.train import checkpoint
+from lcm_dist.train import batches, checkpoint
 from lcm_dist.train import setup as run_setup
 from lcm_dist.train.monitor import NullLogger, PhaseClock, RowTrace, RunLogger
 from lcm_dist.train.step import NonFiniteLossError, Stepped, agree_to_go_on, fit_batch
@@ -144,9 +144,16 @@ class Trainer:
         """Train batch number ``step`` and take its rows back into the latent table."""
         cfg = self.cfg
         start = time.perf_counter()
-        batch, phi_host, ended, loader_wait = distributed.together(
+        batch, ended, loader_wait = distributed.together(
             f"reading batch {step}",
-            lambda: run_setup.next_batch(self._batches, self.latents, self.loader, cfg, self.epoch),
+            lambda: batches.next_batch(self._batches, self.latents, self.epoch),
+        )
+        new_epoch = batch.epoch != self.epoch
+        if new_epoch and self.epoch is not None:
+            batches.share_latent_slots(self.latents)  # a collective: between agreements
+        phi_host = distributed.together(
+            f"reading the latents of batch {step}",
+            lambda: batches.batch_latents(self.latents, self.loader, cfg, batch, new_epoch),
         )
         self.clock.add_host("data_wait", loader_wait)
         self.clock.add_host("store_wait", time.perf_counter() - start - loader_wait)
@@ -154,7 +161,7 @@ class Trainer:
             self.epoch_io.append(ended)
         self.epoch, rows = batch.epoch, batch.rows
         images = images_on(batch.pixels, self.device)
-        phi = run_setup.to_device(phi_host, self.device).requires_grad_(True)
+        phi = batches.to_device(phi_host, self.device).requires_grad_(True)
         terms, output, bad = fit_batch(
             self.engine,
             self.latent_net,

@@ -206,7 +206,7 @@ def _rank_main(rank, world, port, shards, url, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from lcm_dist.train.setup import share_latent_slots as _share_latent_slots
+    from lcm_dist.train.batches import share_latent_slots as _share_latent_slots
 
     if rank == 0:
         new_store(url)

@@ -141,6 +141,22 @@ def test_stop_signal_on_one_process_checkpoints_every_process_and_the_rerun_is_e
     assert_same_state(expected, final_state(cfg))
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_failure_at_an_epoch_end_on_one_process_stops_both_in_one_line(tmp_path, demo_shards):
+    """The epoch's write-back fails on process 1 only: it says why, process 0 says that it
+    stops too, and both end (the slot exchange that follows the write-back is a collective
+    outside the agreement, so nobody waits in it)."""
+    cfg = resume_config(tmp_path, demo_shards, "failing")
+    code, out = run(cfg, torchrun(2, free_port()), env={"LCM_DIST_FAIL_AT": "latents.end_epoch@1"})
+    assert code != 0
+    assert (
+        "error: writing back the latents of epoch 0 failed (no space left on device); the last "
+        "checkpoint resumes" in out
+    ), out[-3000:]
+    assert "lcm-dist: process 0 stops too: process 1 of the run stopped while reading batch" in out
+
+
 SLURM_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
 
 
