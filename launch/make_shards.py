@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         help="check the checksums of the finished sets given as sources (with --out: of the "
         "set just written)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that decode, resize and encode the images (0: one per core); the "
+        "shards are the same whatever the number",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             resize=args.resize,
             normalize=args.normalize,
+            workers=args.workers or len(os.sched_getaffinity(0)),
         )
         if args.verify:
             verify_shards(args.out)

@@ -21,6 +21,7 @@ last, so an interrupted run never leaves a folder that looks finished.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import io
@@ -146,13 +147,29 @@ def open_shard(path: str | os.PathLike) -> TarWriter:
     return TarWriter(str(path), encoder=False, mtime=0, mode=0o644, user="", group="")
 
 
-def add_sample(tar: TarWriter, row: int, key: str, image: Image.Image, image_format: str) -> str:
-    """Append sample ``row`` (image and {"row", "key"} metadata) to an open shard; returns the
-    key as recorded (one line)."""
+def add_sample(
+    tar: TarWriter, row: int, key: str, image: Image.Image | bytes, image_format: str
+) -> str:
+    """Append sample ``row`` (image, or its encoded bytes, and {"row", "key"} metadata) to an
+    open shard; returns the key as recorded (one line)."""
     key = str(key).replace("\n", " ")
     sample = {"__key__": f"{row:010d}", "json": json.dumps({"row": row, "key": key}).encode()}
-    tar.write({**sample, image_format: _encode(image, image_format)})
+    data = image if isinstance(image, bytes) else _encode(image, image_format)
+    tar.write({**sample, image_format: data})
     return key
+
+
+def _encoded_sample(item, image_size: int, resize: str, normalize: str, image_format: str):
+    """(key, encoded image) of one (key, image or image path) sample, prepared as
+    ``prepare_image`` says; in a worker process when ``write_shards`` has several."""
+    key, image = item
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(str(image))
+    try:
+        image = prepare_image(image, image_size, resize, normalize)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot convert image {key}: {err}") from None
+    return key, _encode(image, image_format)
 
 
 def write_shards(
@@ -166,12 +183,17 @@ def write_shards(
     overwrite: bool = False,
     resize: str = "crop",
     normalize: str = "none",
+    workers: int = 1,
 ) -> dict:
     """Write ``samples`` ((key, image or image path) pairs) as shards in ``out_dir``.
 
     Returns the manifest. Images are made square and resized to ``image_size``, and
-    normalized, as ``prepare_image`` says (default: centre-cropped, values kept).
+    normalized, as ``prepare_image`` says (default: centre-cropped, values kept). With
+    ``workers`` > 1, that many processes decode, resize and encode the images, in order: the
+    shards, rows and keys are the same as with one.
     """
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     prepare_image(Image.new("RGB", (1, 1)), 1, resize, normalize)  # bad modes fail first
     if image_size <= 0 or samples_per_shard <= 0:
         raise ValueError("image_size and samples_per_shard must be positive")
@@ -199,21 +221,30 @@ def write_shards(
     tar = None
     tmp_path = None
     start = time.perf_counter()
+    pool = None
+    prepare = functools.partial(
+        _encoded_sample,
+        image_size=image_size,
+        resize=resize,
+        normalize=normalize,
+        image_format=image_format,
+    )
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        encoded = pool.imap(prepare, samples, chunksize=8)
+    else:
+        encoded = map(prepare, samples)
     try:
         with open(keys_tmp, "w", encoding="utf-8") as keys_file:
-            for key, image in samples:
-                if isinstance(image, (str, os.PathLike)):
-                    image = load_image(str(image))
+            for key, image in encoded:
                 if tar is None:
                     # Not webdataset's ShardWriter: it writes under the final names and keeps
                     # no checksums; a shard here gets its name only once complete and hashed.
                     tmp_path = out / (shard_name(len(shards)) + ".tmp")
                     tar = open_shard(tmp_path)
                     shards.append({"name": shard_name(len(shards)), "first_row": row, "count": 0})
-                try:
-                    image = prepare_image(image, image_size, resize, normalize)
-                except (OSError, ValueError) as err:
-                    raise ValueError(f"cannot convert image {key}: {err}") from None
                 keys_file.write(add_sample(tar, row, key, image, image_format) + "\n")
                 shards[-1]["count"] += 1
                 row += 1
@@ -225,6 +256,9 @@ def write_shards(
             if tar is not None:
                 _finish_shard(tar, tmp_path, shards[-1])
     except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool = None
         # A source that cannot be read stops the set: leave none of its files behind.
         if tar is not None:
             tar.close()
@@ -234,6 +268,10 @@ def write_shards(
         for entry in shards:
             (out / entry["name"]).unlink(missing_ok=True)
         raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     if bar is not None:
         bar.close()
     if row == 0:

@@ -176,3 +176,22 @@ def test_the_authors_celeba_preparation_squashes_and_stretches_each_image(tmp_pa
 def test_an_unknown_preparation_is_refused(tmp_path):
     with pytest.raises(ValueError, match="resize must be one of crop, squash, not 'stretch'"):
         write_shards(_images(1, size=8), tmp_path / "s", 8, 2, progress=False, resize="stretch")
+
+
+def test_several_workers_write_the_same_shards_as_one(tmp_path):
+    from lcm_dist.data.demo import demo_photos
+    from lcm_dist.data.shards import write_shards
+
+    sources = tmp_path / "photos"
+    sources.mkdir()
+    for name, array in demo_photos()[:6]:
+        Image.fromarray(array).save(sources / f"{name}.png")
+    samples = [(str(p), str(p)) for p in sorted(sources.glob("*.png"))] * 3
+    one = write_shards(samples, tmp_path / "one", 32, 5, progress=False)
+    two = write_shards(samples, tmp_path / "two", 32, 5, progress=False, workers=2)
+    assert one["shards"] == two["shards"]  # names, rows, counts, sizes and SHA-256
+    assert (tmp_path / "one" / "keys.txt").read_bytes() == (
+        tmp_path / "two" / "keys.txt"
+    ).read_bytes()
+    with pytest.raises(ValueError, match="--workers must be at least 1"):
+        write_shards(samples, tmp_path / "three", 32, 5, progress=False, workers=0)
