@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> dict:
-    from lcm_dist.data.shards import output_folder
     from lcm_dist.evaluate.run import evaluate
+    from lcm_dist.files import output_folder
     from lcm_dist.restore.cli import settle_fit_arguments
 
     baselines = [b for b in args.baselines.split(",") if b]

@@ -26,7 +26,7 @@ import torch
 
 
 def _observations(paths, operator, size, task):
-    from lcm_dist.data.shards import collect_sources, load_image
+    from lcm_dist.files import collect_sources, load_image
 
     files = collect_sources(paths)
     side = operator.observed_size(size)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from lcm_dist.config import parse_options
-        from lcm_dist.data.shards import output_folder
+        from lcm_dist.files import output_folder
         from lcm_dist.restore.cli import settle_fit_arguments
         from lcm_dist.restore.model import load_model
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(args, model, restoring: bool) -> None:
     """Reconstruct and restore into the output folder ``args.out``."""
-    from lcm_dist.data.shards import collect_sources
+    from lcm_dist.files import collect_sources
     from lcm_dist.images import to_png_bytes
     from lcm_dist.restore.cli import operator_from_args, restore_from_args, save_latents
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcm_dist import commits
 from lcm_dist.config import config_from_dict, model_from_dict
 from lcm_dist.data.shards import load_keys
 from lcm_dist.latents.retry import StoreIOError, plain_reason, store_options
@@ -35,7 +36,6 @@ from lcm_dist.latents.run_store import resolve_url, retry_policy
 from lcm_dist.latents.store import LatentStore
 from lcm_dist.latents.zarr_groups import open_checked_group
 from lcm_dist.model.latent_net import initial_phi, make_noise, phi_layout
-from lcm_dist.train import checkpoint
 
 FORMAT = "lcm-dist-export"
 VERSION = 1
@@ -87,7 +87,7 @@ def open_trained_run(run: Path, shards: str | None = None, what: str = "export")
     latent store at the commit's slots (read-only), keys of its rows)``. ``shards`` overrides
     where the run's ``keys.txt`` is read from; ``what`` names the command in errors."""
     cfg = _run_config(run)
-    commit = checkpoint.find_latest(run)
+    commit = commits.find_latest(run)
     if commit is None:
         raise ExportError(f"the run in {run} has no committed checkpoint to {what} yet")
     state = commit.state
@@ -241,7 +241,7 @@ def export_run(
         bar.close()
     # A run still training may have committed since: after a new commit it writes into the
     # slots this export read (shadow paging alternates them), so the rows may be a mix.
-    latest = checkpoint.committed_tag(run)
+    latest = commits.committed_tag(run)
     if latest != commit.tag:
         raise ExportError(
             f"the run in {run} committed {latest or 'nothing'} while this "

@@ -12,7 +12,7 @@ import torch
 def load_images(paths: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
     """Image files (or folders of them) as a (N, 3, size, size) batch in [0, 1], each
     centre-cropped to a square and resized; returns (images, names)."""
-    from lcm_dist.data.shards import collect_sources, load_image, prepare_image
+    from lcm_dist.files import collect_sources, load_image, prepare_image
 
     files = collect_sources(paths)
     images = [

@@ -87,7 +87,7 @@ def lock_run_dir(run_dir: str):
     RunLockedError naming the holder if another process has it."""
     import fcntl
 
-    from lcm_dist.data.shards import make_folder
+    from lcm_dist.files import make_folder
 
     make_folder(run_dir, "run folder")
     handle = open(os.path.join(run_dir, ".lock"), "a+")

@@ -243,8 +243,8 @@ def test_export_finds_a_runs_relative_paths_from_any_directory(
 
 
 def test_an_export_during_a_new_commit_is_refused(tmp_path, trained_run, monkeypatch):
+    from lcm_dist import commits as checkpoint
     from lcm_dist.export import ExportError, export_run
-    from lcm_dist.train import checkpoint
 
     copied = checkpoint.find_latest(trained_run).tag
     # The run commits again while the export copies: the pointer, read after the copy, moved on.

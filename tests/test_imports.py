@@ -108,3 +108,40 @@ def test_the_cycle_check_skips_type_checking_imports(tmp_path):
     graph = import_graph(module_files(pkg))
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == set()
     assert find_cycle(graph) is None
+
+
+LAYERS = [
+    {"faults", "memory", "files", "config", "distributed"},
+    {"lifecycle", "commits", "model"},
+    {"latents"},
+    {"data", "images"},
+    {"planning", "export"},
+    {"restore"},
+    {"evaluate"},
+    {"train"},
+    {"benchmarks"},
+]
+"""lcm_dist's parts (top-level modules and subpackages), bottom layer first. A part imports
+only parts of the layers below it (and itself): utilities, then the model, the latent store,
+data and images, planning and the export, restoration, evaluation, training, benchmarks."""
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_part_imports_only_the_layers_below_it():
+    layer = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+    graph = import_graph(module_files())
+    parts = {_part(m) for m in graph} - {"lcm_dist"}
+    assert parts == set(layer), f"parts without a layer: {sorted(parts - set(layer))}"
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if _part(module) in layer
+        and _part(target) != _part(module)
+        and layer[_part(target)] >= layer[_part(module)]
+    )
+    assert not upward, "imports that do not point down the layers:\n" + "\n".join(upward)

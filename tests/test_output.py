@@ -119,7 +119,7 @@ def test_make_shards_help_and_png_output_say_what_is_required_and_written(tmp_pa
 
 
 def test_a_failed_command_removes_the_empty_output_folders_it_made(tmp_path):
-    from lcm_dist.data.shards import output_folder
+    from lcm_dist.files import output_folder
 
     kept = tmp_path / "kept"
     kept.mkdir()

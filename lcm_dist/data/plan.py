@@ -68,7 +68,7 @@ def chunk_need_order(
     taken in turn with the other workers', so the j-th shards of all workers are read at the
     same time: their chunks are interleaved.
     """
-    from lcm_dist.latents.store import chunks_of_rows
+    from lcm_dist.latents.layout import chunks_of_rows
 
     per_worker = worker_shards(shard_ids, num_workers)
     order: list[int] = []

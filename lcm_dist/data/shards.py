@@ -20,21 +20,30 @@ last, so an interrupted run never leaves a folder that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import glob
 import hashlib
 import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from lcm_dist.files import (  # noqa: F401 (image-file helpers, also reached from here)
+    IMAGE_EXTENSIONS,
+    NORMALIZE_MODES,
+    RESIZE_MODES,
+    collect_sources,
+    load_image,
+    load_photos,
+    make_folder,
+    output_folder,
+    prepare_image,
+)
 
 if TYPE_CHECKING:
     from webdataset import TarWriter
@@ -43,91 +52,11 @@ MANIFEST = "manifest.json"
 KEYS = "keys.txt"
 FORMAT = "lcm-dist-shards"
 VERSION = 1
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
-
-
-def collect_sources(sources: Iterable[str]) -> list[str]:
-    """Expand image files, folders (recursively) and glob patterns into a list of files.
-
-    Each source keeps its place in the order; within a folder or glob, files are sorted. A source
-    that matches no image is an error (it would silently shift every later row index).
-    """
-    files: list[str] = []
-    for source in sources:
-        if any(ch in source for ch in "*?["):
-            matched = sorted(p for p in glob.glob(source, recursive=True) if _is_image(p))
-        elif os.path.isdir(source):
-            matched = sorted(
-                str(p) for p in Path(source).rglob("*") if p.is_file() and _is_image(str(p))
-            )
-        elif os.path.isfile(source):
-            matched = [source]
-        else:
-            raise ValueError(f"image source {source!r} does not exist")
-        if not matched:
-            raise ValueError(f"image source {source!r} matches no image files")
-        files.extend(matched)
-    return files
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
-
-
-RESIZE_MODES = ("crop", "squash")
-NORMALIZE_MODES = ("none", "minmax")
-
-
-def prepare_image(
-    image: Image.Image, image_size: int, resize: str = "crop", normalize: str = "none"
-) -> Image.Image:
-    """RGB, made square and resized to ``image_size`` (Lanczos): ``resize`` "crop" takes the
-    centre square, "squash" resizes the whole image, changing its aspect ratio (the authors'
-    CelebA preparation). ``normalize`` "minmax" then stretches the image's values to span
-    0-255 (its darkest value to 0, its brightest to 255, over all channels: the authors'
-    per-image min-max scaling to [0, 1]); "none" keeps them."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(
-            f"normalize must be one of {', '.join(NORMALIZE_MODES)}, not {normalize!r}"
-        )
-    image = image.convert("RGB")
-    w, h = image.size
-    if resize == "crop":
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        w = h = side
-    if (w, h) != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    if normalize == "minmax":
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = pixels.min(), pixels.max()
-        if high > low:
-            scaled = np.rint((pixels - low) * (255.0 / (high - low)))
-            image = Image.fromarray(scaled.astype(np.uint8), "RGB")
-    return image
-
-
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image file, with an error naming the file if it cannot be."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from None
-
-
-def load_photos(paths: Iterable[str]) -> list[tuple[str, np.ndarray]]:
-    """(path, HxWx3 uint8 RGB array) of each image file, for cropping."""
-    return [(path, np.asarray(load_image(path).convert("RGB"))) for path in paths]
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -301,43 +230,6 @@ def write_shards(
             flush=True,
         )
     return manifest
-
-
-def make_folder(path: str | os.PathLike, what: str) -> Path:
-    """Create the output folder ``path`` (and its parents); a one-line ValueError naming it
-    (``what``: e.g. "output folder") when that is impossible."""
-    from lcm_dist.latents.retry import plain_reason
-
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"the {what} {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create the {what} {out}: {plain_reason(err)}") from None
-    return out
-
-
-@contextlib.contextmanager
-def output_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
-    """``make_folder`` for a command's output: if the command then fails, the folders created
-    here that are still empty are removed again (files already written are kept)."""
-    out = Path(path)
-    created = []
-    for folder in (out, *out.parents):
-        if folder.exists():
-            break
-        created.append(folder)
-    make_folder(out, what)
-    try:
-        yield out
-    except BaseException:
-        for folder in created:  # the output folder first, then its new parents
-            try:
-                folder.rmdir()  # only an empty folder
-            except OSError:
-                break
-        raise
 
 
 def write_pngs(

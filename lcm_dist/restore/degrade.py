@@ -250,7 +250,7 @@ def mask_from_file(path: str, size: int) -> torch.Tensor:
     ``size`` x ``size``."""
     import os
 
-    from lcm_dist.data.shards import load_image
+    from lcm_dist.files import load_image
 
     if not os.path.isfile(path):
         raise ValueError(f"mask file {path} does not exist")

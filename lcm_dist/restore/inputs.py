@@ -97,7 +97,7 @@ class FileInputs:
     """Image files (files, folders and globs, expanded as ``collect_sources`` does), by row."""
 
     def __init__(self, sources: list[str]):
-        from lcm_dist.data.shards import collect_sources
+        from lcm_dist.files import collect_sources
 
         self.paths = collect_sources(sources)
         self.keys = list(self.paths)

@@ -22,125 +22,31 @@ an error that says so, never a silent fallback or a fresh start.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lcm_dist import distributed
+from lcm_dist.commits import (  # noqa: F401 (the commit point, also reached from here)
+    FOLDER,
+    FORMAT,
+    POINTER,
+    VERSION,
+    CheckpointError,
+    Commit,
+    committed_tag,
+    file_sha256,
+    files_of_rank,
+    find_latest,
+    fsync_dir,
+    tag_for,
+    write_json_durably,
+)
 from lcm_dist.faults import crash_point, fail_point
-
-POINTER = "latest.json"
-FOLDER = "checkpoints"
-FORMAT = "lcm-dist-checkpoint"
-VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written, read or used with this config."""
-
-
-@dataclass
-class Commit:
-    """The newest committed checkpoint of a run."""
-
-    tag: str
-    folder: Path
-    state: dict
-    slots: np.ndarray | None
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-_RANK_FILE = re.compile(r"(?:^rng-rank|zero_pp_rank_)(\d+)")
-
-
-def files_of_rank(names, rank: int, world: int) -> list[str]:
-    """The checkpoint files process ``rank`` of ``world`` verifies on resume: the per-rank
-    files of its own rank (and, on the last rank, those of ranks beyond the world, left by a
-    larger one), and on rank 0 every shared file, so that each file is read once."""
-    mine = []
-    for name in names:
-        found = _RANK_FILE.search(name)
-        if found is None:
-            if rank == 0:
-                mine.append(name)
-        else:
-            owner = int(found.group(1))
-            if owner == rank or (owner >= world and rank == world - 1):
-                mine.append(name)
-    return mine
-
-
-def find_latest(
-    run_dir: str | os.PathLike, verify: Callable[[list[str]], list[str]] | None = None
-) -> Commit | None:
-    """The run's newest commit, verified file by file (``verify`` picks which files of the
-    commit to hash, e.g. this process's share on resume; default all); None if the run has
-    none yet."""
-    run = Path(run_dir)
-    pointer = run / POINTER
-    if not pointer.exists():
-        return None
-    try:
-        commit = json.loads(pointer.read_text())
-        tag, files = commit["tag"], commit["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"checkpoint pointer {pointer} is unreadable ({err}); it is written atomically, so "
-            "it was damaged after the fact: restore it, or start a new run_dir"
-        ) from None
-    folder = run / FOLDER / tag
-    names = list(files) if verify is None else verify(list(files))
-    for name in names:
-        size, digest = files[name]
-        path = folder / name
-        if not path.exists():
-            raise CheckpointError(f"checkpoint file {path} is missing; restore it or start anew")
-        if path.stat().st_size != size or _sha256(path) != digest:
-            raise CheckpointError(
-                f"checkpoint file {path} is truncated or corrupt (it does not match the size and "
-                f"SHA-256 in {pointer}); restore it, or start a new run_dir: older checkpoints "
-                "cannot be resumed because the latent store keeps only the newest commit's rows"
-            )
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise CheckpointError(f"{folder / 'state.json'} is not a version-{VERSION} checkpoint")
-    slots_path = folder / "slots.npy"
-    slots = np.load(slots_path, allow_pickle=False) if slots_path.exists() else None
-    return Commit(tag, folder, state, slots)
 
 
 def _fp32_masters(engine) -> dict[int, torch.Tensor]:
@@ -231,23 +137,25 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, slots) -> s
             save_file(weights, str(folder / "generator.safetensors"))
             if slots is not None:
                 np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
-            _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
+            write_json_durably(
+                folder / "state.json", {"format": FORMAT, "version": VERSION, **state}
+            )
 
     def commit():
         if not main:
             return
         files = {
-            str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+            str(p.relative_to(folder)): [p.stat().st_size, file_sha256(p)]
             for p in sorted(folder.rglob("*"))
             if p.is_file()
         }
         tmp = run / (POINTER + ".tmp")
-        _write_json(tmp, {"tag": tag, "step": step, "files": files})
+        write_json_durably(tmp, {"tag": tag, "step": step, "files": files})
         crash_point("checkpoint.before_commit")
         fail_point("checkpoint.commit")
         os.replace(tmp, run / POINTER)  # the commit
         try:
-            _fsync_dir(run)
+            fsync_dir(run)
         except OSError as err:  # committed, but perhaps not durable: not the generic message
             raise CheckpointError(
                 f"checkpoint {folder} was committed in {run / POINTER}, but syncing "
@@ -289,24 +197,17 @@ def commit_copy(commit: Commit, run_dir: str | os.PathLike, state: dict, slots) 
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(commit.folder, folder)
     np.save(folder / "slots.npy", np.asarray(slots, dtype=np.int8))
-    _write_json(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
+    write_json_durably(folder / "state.json", {"format": FORMAT, "version": VERSION, **state})
     files = {
-        str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+        str(p.relative_to(folder)): [p.stat().st_size, file_sha256(p)]
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
     tmp = run / (POINTER + ".tmp")
-    _write_json(tmp, {"tag": commit.tag, "step": state["step"], "files": files})
+    write_json_durably(tmp, {"tag": commit.tag, "step": state["step"], "files": files})
     os.replace(tmp, run / POINTER)
-    _fsync_dir(run)
+    fsync_dir(run)
     return commit.tag
-
-
-def committed_tag(run_dir: str | os.PathLike) -> str | None:
-    """The tag the run's commit pointer names, read from the pointer alone (``find_latest``
-    also verifies every file of it); None if the run has no commit."""
-    pointer = Path(run_dir) / POINTER
-    return json.loads(pointer.read_text())["tag"] if pointer.exists() else None
 
 
 def prune(run_dir: str | os.PathLike, keep_latest: int) -> None:

@@ -236,7 +236,7 @@ def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
             f"model.image_size is {cfg.model.image_size}; remake the shards or change the model"
         )
     if cfg.log.restore_every_steps:
-        from lcm_dist.data.shards import collect_sources
+        from lcm_dist.files import collect_sources
 
         collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
