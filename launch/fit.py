@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of random masks (per row: seed + row)"
     )
+    parser.add_argument(
+        "--images",
+        dest="image_output",
+        choices=("png", "shards"),
+        default="png",
+        help="restored images as PNG files, or as a shard set in images/ (one shard per "
+        "--batch-size images, its manifest written when all are done) (%(default)s)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -158,6 +166,7 @@ def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
         ring_width=args.ring_width,
         raw=args.raw,
         init=args.init,
+        image_output=args.image_output,
     )
     model_url = args.model if "://" in args.model else os.path.abspath(args.model)
     attrs = {
@@ -214,6 +223,8 @@ def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
         done = output.committed()
         n_units = len(units(inputs.count, args.batch_size))
         if len(done) == n_units:
+            if args.image_output == "shards":
+                output.write_image_manifest(inputs.keys, model.image_size, args.batch_size)
             output.group.attrs.update({"complete": True})
             print(f"fitted all {inputs.count} image(s) into {args.out}")
         else:

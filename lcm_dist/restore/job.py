@@ -70,6 +70,7 @@ class FitSettings:
     ring_width: int = 0
     raw: bool = False
     init: str = "default"
+    image_output: str = "png"
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -162,6 +163,35 @@ class FitOutput:
 
         self.group = open_group_v3(_join(self.url, "latents.zarr"), "r+", self.options)
 
+    def write_image_manifest(self, keys: list[str], image_size: int, batch_size: int) -> None:
+        """With every unit committed and ``--images shards``: ``images/`` becomes a shard set
+        (its keys.txt, then its manifest, from the units' markers), which training and
+        ``launch/fit.py`` read like any."""
+        from lcm_dist.data.shards import FORMAT as SHARDS
+        from lcm_dist.data.shards import KEYS, MANIFEST
+        from lcm_dist.data.shards import VERSION as SHARDS_VERSION
+
+        folder = _join(self.root, "done")
+        entries = []
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            if path.endswith(".json"):
+                entries.append(json.loads(self.fs.cat_file(path))["shard"])
+        entries.sort(key=lambda e: e["first_row"])
+        images = _join(self.root, "images")
+        self.fs.pipe_file(_join(images, KEYS), "".join(k + "\n" for k in keys).encode())
+        manifest = {
+            "format": SHARDS,
+            "version": SHARDS_VERSION,
+            "image_size": image_size,
+            "channels": 3,
+            "image_format": "png",
+            "samples_per_shard": batch_size,
+            "num_samples": len(keys),
+            "keys_file": KEYS,
+            "shards": entries,
+        }
+        self.fs.pipe_file(_join(images, MANIFEST), json.dumps(manifest, indent=1).encode())
+
     def committed(self) -> set[int]:
         """The units whose marker is there and readable."""
         folder = _join(self.root, "done")
@@ -193,6 +223,8 @@ class FitOutput:
         for name, data in images.items():
             self.fs.pipe_file(_join(self.root, "images", name), data)
         marker = {"unit": unit, "rows": [lo, hi], "seconds": result["seconds"]}
+        if "shard" in result:
+            marker["shard"] = result["shard"]
         tmp = self.marker(unit) + ".tmp"
         self.fs.pipe_file(tmp, json.dumps(marker).encode())
         self.fs.mv(tmp, self.marker(unit))
@@ -300,8 +332,38 @@ def fit_unit(model, inputs, settings: FitSettings, lo: int, hi: int) -> tuple[di
         "psnr": None if settings.degraded else psnr(images, x).numpy(),
         "seconds": round(seconds, 3),
     }
-    pngs = {f"{name}.png": to_png_bytes(image) for name, image in zip(names, images, strict=True)}
-    return result, pngs
+    pngs = [to_png_bytes(image) for image in images]
+    if settings.image_output == "shards":
+        unit = lo // settings.batch_size
+        shard, result["shard"] = unit_shard(unit, lo, [inputs.keys[r] for r in rows], pngs)
+        return result, {result["shard"]["name"]: shard}
+    return result, {f"{name}.png": png for name, png in zip(names, pngs, strict=True)}
+
+
+def unit_shard(unit: int, first_row: int, keys: list[str], pngs: list[bytes]) -> tuple[bytes, dict]:
+    """Unit ``unit``'s images (rows from ``first_row``) as one shard of the shard-set format
+    (``lcm_dist.data.shards``): its bytes and its manifest entry."""
+    import hashlib
+    import io
+
+    from webdataset import TarWriter
+
+    from lcm_dist.data.shards import add_sample, shard_name
+
+    buffer = io.BytesIO()
+    tar = TarWriter(buffer, encoder=False, mtime=0, mode=0o644, user="", group="")
+    for row, (key, png) in enumerate(zip(keys, pngs, strict=True), first_row):
+        add_sample(tar, row, key, png, "png")
+    tar.close()
+    data = buffer.getvalue()
+    entry = {
+        "name": shard_name(unit),
+        "first_row": first_row,
+        "count": len(pngs),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    return data, entry
 
 
 def run_fit(

@@ -211,3 +211,25 @@ def test_a_full_disk_stops_the_fit_in_one_line_and_keeps_what_was_committed(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fitted 48 image(s)" in proc.stderr
     np.testing.assert_array_equal(_latents(out)[1][:16], first)
+
+
+def test_restored_images_as_a_shard_set(cli, tmp_path, trained_export, demo64_shards):
+    from lcm_dist.data.shards import load_manifest, verify_shards
+    from lcm_dist.restore.inputs import open_inputs
+
+    out = tmp_path / "out"
+    args = ["--model", trained_export, "--task", "inpaint", demo64_shards, "--out", out]
+    proc = cli("fit", *args, "--images", "shards", "--iterations", "2", "--batch-size", "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verify_shards(out / "images")  # sizes and SHA-256 as the manifest says
+    manifest = load_manifest(out / "images")
+    assert [(e["first_row"], e["count"]) for e in manifest["shards"]] == [
+        (0, 24),
+        (24, 24),
+        (48, 16),
+    ]
+    assert load_keys(out / "images") == load_keys(demo64_shards)
+    restored = open_inputs([str(out / "images")]).read(40, 42)
+    known = open_inputs([str(demo64_shards)]).read(40, 42)
+    assert restored.shape == (2, 3, 64, 64)
+    assert torch.equal(restored[..., :8, :], known[..., :8, :])  # observed pixels kept
