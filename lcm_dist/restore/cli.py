@@ -7,7 +7,14 @@ import numpy as np
 import torch
 
 from lcm_dist.restore.degrade import Degradation
-from lcm_dist.restore.fit import DEFAULT_ITERATIONS, INITS, OPTIMIZERS, fit_settings, restore
+from lcm_dist.restore.fit import (
+    DEFAULT_ITERATIONS,
+    INITS,
+    OPTIMIZERS,
+    TASK_INITS,
+    fit_settings,
+    restore,
+)
 from lcm_dist.restore.model import RestorationModel, default_device
 
 
@@ -85,10 +92,9 @@ def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | N
     parser.add_argument(
         "--init",
         choices=INITS,
-        default="default",
-        help="where each phi starts: the seed-42 init of training (default), the mean trained "
-        "phi, or the trained phi whose image is nearest the observation (of 256 spread over the "
-        "export)",
+        help="where each phi starts: the seed-42 init of training, the mean trained phi, or the "
+        "trained phi whose image is nearest the observation (of 256 spread over the export); "
+        "default: mean for inpaint, nearest for colorize, default otherwise",
     )
     parser.add_argument(
         "--refine",
@@ -144,10 +150,14 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
         # The authors fit 50 images at SGD lr 1.0 on the batch's mean loss: lr 0.02 on each
         # image's own loss (REFERENCE.md).
         args.optimizer, args.lr, args.iterations, args.raw = "sgd", 0.02, 3001, True
+        if getattr(args, "init", None) is None:
+            args.init = "default"  # their seed-42 start
         if args.task == "inpaint":
             args.ring_weight, args.ring_width = 5.0, 5
     if restoring:
         args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
+    if getattr(args, "init", None) is None:
+        args.init = TASK_INITS.get(args.task, "default")
 
 
 def operator_from_args(args, size: int, count: int, **extra) -> Degradation:
