@@ -26,8 +26,27 @@ class GrowError(ValueError):
     """A run cannot be grown as the config asks."""
 
 
-def _new_rows(cfg: RunConfig, keys: list[str], phi_size: int):
-    """(N, P) phi of the new rows from ``train.new_rows_from`` (by key), or None."""
+class _FittedRows:
+    """The new rows' fitted phi in a ``launch/fit.py`` output, read a store chunk at a time
+    (a million new rows do not fit in memory at once)."""
+
+    def __init__(self, where: str, latents, rows: list[int], keys: list[str]):
+        self.where, self.latents, self.rows, self.keys = where, latents, rows, keys
+
+    def take(self, lo: int, hi: int) -> np.ndarray:
+        """Phi (hi - lo, P) of new rows [lo, hi) (counted from the first new row)."""
+        phi = np.asarray(self.latents.oindex[np.asarray(self.rows[lo:hi]), :], dtype=np.float32)
+        bad = np.nonzero(~np.isfinite(phi).all(1))[0]
+        if bad.size:
+            raise GrowError(
+                f"the fit in {self.where} has not committed the image "
+                f"{self.keys[lo + int(bad[0])]!r}; re-run the fit to finish it"
+            )
+        return phi
+
+
+def _new_rows(cfg: RunConfig, keys: list[str], phi_size: int) -> _FittedRows | None:
+    """The new rows' phi from ``train.new_rows_from`` (by key), or None."""
     if not cfg.train.new_rows_from:
         return None
     from lcm_dist.latents.zarr_groups import open_checked_group
@@ -47,16 +66,7 @@ def _new_rows(cfg: RunConfig, keys: list[str], phi_size: int):
             f"the fit in {cfg.train.new_rows_from} has no phi for the new image {missing[0]!r} "
             f"({len(missing)} of {len(keys)} new images missing); fit the new shards"
         )
-    rows = [fitted[k] for k in keys]
-    latents = group["latents"]
-    phi = np.stack([np.asarray(latents[r], dtype=np.float32) for r in rows])
-    bad = np.nonzero(~np.isfinite(phi).all(1))[0]
-    if bad.size:
-        raise GrowError(
-            f"the fit in {cfg.train.new_rows_from} has not committed the image "
-            f"{keys[int(bad[0])]!r}; re-run the fit to finish it"
-        )
-    return phi
+    return _FittedRows(cfg.train.new_rows_from, group["latents"], [fitted[k] for k in keys], keys)
 
 
 def grow_run(cfg: RunConfig, manifest: dict, progress: bool = True) -> str:
@@ -117,8 +127,11 @@ def grow_run(cfg: RunConfig, manifest: dict, progress: bool = True) -> str:
         old_hi = min(hi, n_old)
         if lo < old_hi:
             data[: old_hi - lo] = old_store.read_rows(range(lo, old_hi))
-        for row in range(max(lo, n_old), hi):
-            data[row - lo] = init if fitted is None else fitted[row - n_old]
+        first_new = max(lo, n_old)
+        if first_new < hi:
+            data[first_new - lo :] = (
+                init if fitted is None else fitted.take(first_new - n_old, hi - n_old)
+            )
         store.write_chunk(chunk, data)
         if bar is not None:
             bar.update(hi - lo)
