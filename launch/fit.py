@@ -75,14 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.task == "embed" and args.degraded:
         parser.error("--task embed fits clean images; --degraded is for the restoration tasks")
-    from lcm_dist.restore.job import FitOutput
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         if world > 1:
             _join_group()
-        _fit(args, rank, world, FitOutput)
+        _fit(args, rank, world)
     except (ValueError, OSError) as err:
         return end_with_error(_reason(err))
     except RuntimeError as err:
@@ -117,14 +115,22 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
+def _fit(args, rank: int, world: int) -> dict | None:
     import torch
 
     from lcm_dist.config import parse_options
     from lcm_dist.lifecycle import StopSignals, watch_launchers
     from lcm_dist.restore.cli import settle_fit_arguments
     from lcm_dist.restore.inputs import open_inputs
-    from lcm_dist.restore.job import FORMAT, VERSION, FitSettings, check_names, run_fit, units
+    from lcm_dist.restore.job import (
+        FORMAT,
+        VERSION,
+        FitOutput,
+        FitSettings,
+        check_names,
+        run_fit,
+        units,
+    )
     from lcm_dist.restore.model import load_model
 
     if world > 1 and args.device == "cuda" and torch.cuda.is_available():
@@ -224,7 +230,7 @@ def _fit(args, rank: int, world: int, FitOutput) -> dict | None:
         n_units = len(units(inputs.count, args.batch_size))
         if len(done) == n_units:
             if args.image_output == "shards":
-                output.write_image_manifest(inputs.keys, model.image_size, args.batch_size)
+                output.write_image_manifest(done, inputs.keys, model.image_size, args.batch_size)
             output.group.attrs.update({"complete": True})
             print(f"fitted all {inputs.count} image(s) into {args.out}")
         else:

@@ -10,7 +10,6 @@ is read once, and memory stays at one shard whatever the input's size).
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import fsspec
@@ -148,22 +147,19 @@ def open_inputs(sources: list[str]):
 
 def row_masks(folder: str, names: list[str], side: int) -> torch.Tensor:
     """Per-image inpainting masks (B, 1, side, side), 1 = known, from ``folder/<name>.png``
-    (white = hole); one line naming a missing or wrong mask."""
+    (white = hole, read by ``mask_from_file``); one line naming a missing or wrong mask."""
     import os
+
+    from lcm_dist.restore.degrade import mask_from_file
 
     masks = []
     for name in names:
         path = os.path.join(folder, name + ".png")
         if not os.path.isfile(path):
             raise InputError(f"no mask for input {name!r}: {path} does not exist")
-        with open(path, "rb") as f:
-            hole = _decode(f.read(), f"mask {path}", side, "L") >= 128
-        if hole.all() or not hole.any():
-            what = "all hole" if hole.all() else "without a hole (white pixels)"
+        known = mask_from_file(path, side)[0]
+        if not known.any() or known.all():
+            what = "all hole" if not known.any() else "without a hole (white pixels)"
             raise InputError(f"mask {path} is {what}")
-        masks.append(torch.from_numpy(~hole).float()[None])
+        masks.append(known)
     return torch.stack(masks)
-
-
-def manifest_json(inputs) -> str:
-    return json.dumps(inputs.describe(), sort_keys=True)

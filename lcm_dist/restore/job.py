@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -71,10 +71,9 @@ class FitSettings:
     raw: bool = False
     init: str = "default"
     image_output: str = "png"
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+        return dict(self.__dict__)
 
 
 def units(count: int, batch_size: int) -> list[tuple[int, int]]:
@@ -163,20 +162,17 @@ class FitOutput:
 
         self.group = open_group_v3(_join(self.url, "latents.zarr"), "r+", self.options)
 
-    def write_image_manifest(self, keys: list[str], image_size: int, batch_size: int) -> None:
-        """With every unit committed and ``--images shards``: ``images/`` becomes a shard set
-        (its keys.txt, then its manifest, from the units' markers), which training and
-        ``launch/fit.py`` read like any."""
+    def write_image_manifest(
+        self, markers: dict[int, dict], keys: list[str], image_size: int, batch_size: int
+    ) -> None:
+        """With every unit committed (``markers``, from ``committed``) and ``--images
+        shards``: ``images/`` becomes a shard set (its keys.txt, then its manifest, from the
+        units' markers), which training and ``launch/fit.py`` read like any."""
         from lcm_dist.data.shards import FORMAT as SHARDS
         from lcm_dist.data.shards import KEYS, MANIFEST
         from lcm_dist.data.shards import VERSION as SHARDS_VERSION
 
-        folder = _join(self.root, "done")
-        entries = []
-        for path in sorted(self.fs.ls(folder, detail=False)):
-            if path.endswith(".json"):
-                entries.append(json.loads(self.fs.cat_file(path))["shard"])
-        entries.sort(key=lambda e: e["first_row"])
+        entries = sorted((m["shard"] for m in markers.values()), key=lambda e: e["first_row"])
         images = _join(self.root, "images")
         self.fs.pipe_file(_join(images, KEYS), "".join(k + "\n" for k in keys).encode())
         manifest = {
@@ -192,20 +188,19 @@ class FitOutput:
         }
         self.fs.pipe_file(_join(images, MANIFEST), json.dumps(manifest, indent=1).encode())
 
-    def committed(self) -> set[int]:
-        """The units whose marker is there and readable."""
+    def committed(self) -> dict[int, dict]:
+        """{unit: its marker} of the units whose marker is there and readable."""
         folder = _join(self.root, "done")
         if not self.fs.exists(folder):
-            return set()
-        done = set()
+            return {}
+        done = {}
         for path in self.fs.ls(folder, detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("unit-") and name.endswith(".json"):
                 try:
-                    json.loads(self.fs.cat_file(path))
+                    done[int(name[5:13])] = json.loads(self.fs.cat_file(path))
                 except (ValueError, OSError):
                     continue  # a marker cut short by a crash: the unit is fitted again
-                done.add(int(name[5:13]))
         return done
 
     def write_unit(self, unit: int, lo: int, hi: int, result: dict, images: dict) -> None:
