@@ -54,7 +54,7 @@ def _candidates(model: RestorationModel, count: int) -> tuple[torch.Tensor, torc
     n = int(model.attrs["num_images"])
     rows = sorted({int(r) for r in np.linspace(0, n - 1, min(count, n))})
     latents = model.group["latents"]
-    phi = torch.from_numpy(np.stack([np.asarray(latents[r], dtype=np.float32) for r in rows]))
+    phi = torch.from_numpy(np.asarray(latents.oindex[np.asarray(rows), :], dtype=np.float32))
     phi = phi.to(model.device)
     with torch.no_grad():
         images = torch.cat([model.render(phi[i : i + 64]) for i in range(0, len(rows), 64)])

@@ -219,7 +219,7 @@ def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images:
         )
 
 
-def _my_share(names: list[str]) -> list[str]:
+def my_checkpoint_files(names: list[str]) -> list[str]:
     """The checkpoint files this process verifies on resume: each file is hashed by one
     process (``checkpoint.files_of_rank``), and the agreement after ``prepare`` stops every
     process if any found a bad one."""
@@ -240,7 +240,7 @@ def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
 
         collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
-    commit = checkpoint.find_latest(cfg.run_dir, verify=_my_share)
+    commit = checkpoint.find_latest(cfg.run_dir, verify=my_checkpoint_files)
     if commit is not None:
         _check_commit_matches(cfg, commit, manifest["num_samples"])
     return manifest, lock, commit

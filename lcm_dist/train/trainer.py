@@ -58,7 +58,7 @@ class Trainer:
             )
             commit = distributed.together(
                 "reading the grown run's commit",
-                lambda: checkpoint.find_latest(cfg.run_dir, verify=run_setup._my_share),
+                lambda: checkpoint.find_latest(cfg.run_dir, verify=run_setup.my_checkpoint_files),
             )
         self.num_rows = manifest["num_samples"]
         self.finished_at = None
