@@ -4,7 +4,10 @@ python launch/bench.py latent       # batched latent nets vs a per-image loop
 python launch/bench.py store        # latents paged through the Zarr store vs in RAM
 python launch/bench.py step         # the trainer's step vs a bare PyTorch loop, local and S3
 python launch/bench.py scale        # 1,000,000 vs 10,000 images: creation time, peak RSS
+python launch/bench.py scale --train   # 2 epochs of 1,000,000 images, as many steps of 10,000:
+                                       # rows once, store I/O per epoch, peak RSS, images/s
 python launch/bench.py throughput   # raw store MB/s vs a plain file on the same disk
+python launch/bench.py resume       # 8 processes verifying a checkpoint: every file each vs each once
 python launch/bench.py fit          # launch/fit.py on 1 and 2 CPU processes: images/s, speedup
 python launch/bench.py gpu          # the paper's model on this GPU: MFU, time shares, syncs,
                                     # trainer vs bare loop, restoration (--quick: tiny, CPU too)
@@ -38,12 +41,31 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="gpu: the device's dense bf16 peak for the MFU (default: from the device's name)",
     )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="scale: train two epochs over the images (a tiny model on 2 processes) instead of "
+        "a few hundred steps",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=1_000_000,
+        help="scale --train: the large set's number of images (default 1,000,000)",
+    )
     args = parser.parse_args(argv)
     options = {}
+    run = BENCHMARKS[args.name]
     if args.name == "gpu":
         options = {"quick": args.quick, "peak": args.peak_tflops}
     elif args.quick or args.peak_tflops:
         parser.error("--quick and --peak-tflops apply to the gpu benchmark only")
+    if args.name == "scale" and args.train:
+        from lcm_dist.benchmarks.epoch import bench_scale_train
+
+        run, options = bench_scale_train, {"large": args.images}
+    elif args.train or args.images != 1_000_000:
+        parser.error("--train and --images apply to the scale benchmark only")
     if args.json:
         # Everything the benchmark prints (training logs, library warnings, subprocesses) goes
         # to stderr, so stdout holds the one JSON object.
@@ -52,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(2, 1)
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                result = BENCHMARKS[args.name](**options)
+                result = run(**options)
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
         print(json.dumps(result), flush=True)
         return 0
-    result = BENCHMARKS[args.name](**options)
+    result = run(**options)
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

@@ -58,7 +58,7 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", module=module)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -75,7 +75,7 @@ def init_distributed() -> None:
             WORLD_SIZE="1",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
         )
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from lcm_dist.benchmarks.fit import bench_fit
 from lcm_dist.benchmarks.gpu import bench_gpu
 from lcm_dist.benchmarks.latent import bench_latent
+from lcm_dist.benchmarks.resume import bench_resume
 from lcm_dist.benchmarks.scale import bench_scale
 from lcm_dist.benchmarks.step import bench_step
 from lcm_dist.benchmarks.store import bench_store
@@ -20,6 +21,7 @@ BENCHMARKS: dict[str, Callable[..., dict]] = {
     "fit": bench_fit,
     "gpu": bench_gpu,
     "latent": bench_latent,
+    "resume": bench_resume,
     "store": bench_store,
     "step": bench_step,
     "scale": bench_scale,

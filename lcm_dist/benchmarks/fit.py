@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lcm_dist.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -90,7 +92,7 @@ def bench_fit(images: int = 1024, iterations: int = 3, batch_size: int = 64) -> 
                 cmd = [sys.executable, *fit, "--out", str(out)]
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-                cmd += ["--master_port", str(_free_port()), *fit, "--out", str(out)]
+                cmd += ["--master_port", str(free_port()), *fit, "--out", str(out)]
             print(f"fitting {images} images on {procs} process(es) ...", file=sys.stderr)
             seconds = _fit_seconds(_run(cmd, f"the fit on {procs} process(es)"))
             result[f"images_per_s_{procs}"] = round(images / seconds, 2)
@@ -101,11 +103,3 @@ def bench_fit(images: int = 1024, iterations: int = 3, batch_size: int = 64) -> 
         result["speedup"] = round(result["images_per_s_2"] / result["images_per_s_1"], 3)
         result["max_abs_diff"] = float(np.abs(phis[1] - phis[2]).max())
         return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -92,6 +92,8 @@ def _encoded_sample(item, image_size: int, resize: str, normalize: str, image_fo
     """(key, encoded image) of one (key, image or image path) sample, prepared as
     ``prepare_image`` says; in a worker process when ``write_shards`` has several."""
     key, image = item
+    if isinstance(image, bytes):
+        return key, image  # already encoded in image_format at image_size (the caller's word)
     if isinstance(image, (str, os.PathLike)):
         image = load_image(str(image))
     try:
@@ -102,7 +104,7 @@ def _encoded_sample(item, image_size: int, resize: str, normalize: str, image_fo
 
 
 def write_shards(
-    samples: Iterable[tuple[str, Image.Image | str]],
+    samples: Iterable[tuple[str, Image.Image | str | bytes]],
     out_dir: str | os.PathLike,
     image_size: int,
     samples_per_shard: int,
@@ -114,7 +116,9 @@ def write_shards(
     normalize: str = "none",
     workers: int = 1,
 ) -> dict:
-    """Write ``samples`` ((key, image or image path) pairs) as shards in ``out_dir``.
+    """Write ``samples`` ((key, image, image path or encoded bytes) pairs) as shards in
+    ``out_dir``; bytes are written as they are (an image already in ``image_format`` at
+    ``image_size``).
 
     Returns the manifest. Images are made square and resized to ``image_size``, and
     normalized, as ``prepare_image`` says (default: centre-cropped, values kept). With
