@@ -122,16 +122,9 @@ def _fit(args, rank: int, world: int) -> dict | None:
     from lcm_dist.lifecycle import StopSignals, watch_launchers
     from lcm_dist.restore.cli import settle_fit_arguments
     from lcm_dist.restore.inputs import open_inputs
-    from lcm_dist.restore.job import (
-        FORMAT,
-        VERSION,
-        FitOutput,
-        FitSettings,
-        check_names,
-        run_fit,
-        units,
-    )
+    from lcm_dist.restore.job import FitSettings, check_names, run_fit, units
     from lcm_dist.restore.model import load_model
+    from lcm_dist.restore.output import FORMAT, VERSION, FitOutput
 
     if world > 1 and args.device == "cuda" and torch.cuda.is_available():
         from lcm_dist.distributed import device

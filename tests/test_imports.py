@@ -1,4 +1,5 @@
-"""lcm_dist's modules import each other without cycles (imports inside functions included)."""
+"""lcm_dist's modules import each other without cycles (imports inside functions included),
+only down its layers, and each stays small enough to read (400 lines)."""
 
 from __future__ import annotations
 
@@ -145,3 +146,17 @@ def test_every_part_imports_only_the_layers_below_it():
         and layer[_part(target)] >= layer[_part(module)]
     )
     assert not upward, "imports that do not point down the layers:\n" + "\n".join(upward)
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_every_module_is_at_most_400_lines():
+    """A module past 400 lines holds more than one idea: split it along its seams."""
+    long = sorted(
+        f"{path.relative_to(PACKAGE.parent)}: {n} lines"
+        for folder in (PACKAGE, PACKAGE.parent / "launch")
+        for path in folder.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    )
+    assert not long, "modules over 400 lines:\n" + "\n".join(long)

@@ -28,48 +28,17 @@ the retries run out the step raises ``StoreIOError`` and no further I/O is start
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lcm_dist.latents.io_threads import ChunkEntry, io_pool
 from lcm_dist.latents.retry import StallWarner, StoreIOError, StoreUnavailableError
 from lcm_dist.latents.store import LatentStore
 
 __all__ = ["StoreIOError", "WriteBackCache"]
-
-IO_NICENESS = 10
-"""How many nice levels the I/O threads drop below the process when the CPU computes the step
-(``io_niceness``); on a GPU node the cores the threads compete with are the loader's, which the
-step waits for as much as for the store, so there they keep the process's priority."""
-
-
-def _lower_priority(by: int) -> None:
-    """Lower this I/O thread's scheduling priority by ``by`` nice levels (Linux: nice is per
-    thread), so that when every core computes, the step's threads run first and the reads and
-    writes ahead of the step fill the gaps. They still progress: a step that waits on them
-    leaves its cores idle."""
-    if by <= 0:
-        return
-    try:
-        me = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + by, 19))
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the same priority
-        pass
-
-
-@dataclass
-class _Entry:
-    nbytes: int
-    state: str = "loading"  # loading -> ready <-> writing
-    data: np.ndarray | None = None
-    dirty: bool = False
-    pinned: bool = False  # rows handed to the step and not yet written back
-    drop_after_write: bool = False  # leaving: let go by the step's thread once written
 
 
 class WriteBackCache:
@@ -99,14 +68,9 @@ class WriteBackCache:
                 f"({self.chunk_bytes} bytes); raise it or lower store.rows_per_chunk"
             )
         self.prefetch_chunks = prefetch_chunks
-        self._pool = ThreadPoolExecutor(
-            io_threads,
-            thread_name_prefix="latent-io",
-            initializer=_lower_priority,
-            initargs=(io_niceness,),
-        )
+        self._pool = io_pool(io_threads, io_niceness)
         self._cond = threading.Condition()
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, ChunkEntry] = {}
         self._resident = 0
         self._error: str | None = None
         self._abort = threading.Event()  # set on the first I/O error: start no more I/O
@@ -293,8 +257,8 @@ class WriteBackCache:
         )
         self._stall.check(began, f"chunk {chunk}", doing)
 
-    def _reserve(self, chunk: int) -> _Entry:
-        entry = _Entry(self._nbytes(chunk))
+    def _reserve(self, chunk: int) -> ChunkEntry:
+        entry = ChunkEntry(self._nbytes(chunk))
         self._entries[chunk] = entry
         self._resident += entry.nbytes
         self.peak_resident = max(self.peak_resident, self._resident)

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 
+from lcm_dist.latents.format import model_signature
 from lcm_dist.latents.layout import auto_rows_per_chunk
 from lcm_dist.latents.retry import RetryPolicy
-from lcm_dist.latents.store import LatentStore, model_signature
+from lcm_dist.latents.store import LatentStore
 
 
 def resolve_url(cfg) -> str:

@@ -25,7 +25,8 @@ transient errors (lost or refused connections, timeouts, HTTP 5xx, throttling) w
 exponential backoff (``lcm_dist.latents.retry``); repeating a write is safe because it only ever
 touches the uncommitted slot.
 
-Index arithmetic (which rows live in which chunk) is in pure functions in ``layout.py``; opening
+Index arithmetic (which rows live in which chunk) is in pure functions in ``layout.py``; what a
+store records (format, model signature, codecs) and its I/O counters in ``format.py``; opening
 the store a run's config describes is in ``run_store.py``.
 """
 
@@ -34,12 +35,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
 from lcm_dist.faults import crash_point, fail_point
 from lcm_dist.latents.chunk_files import LocalChunkFiles, sync_tree
+from lcm_dist.latents.format import (  # noqa: F401  (re-exported: what a store records)
+    FORMAT,
+    SLOTS_CHUNK,
+    VERSION,
+    IOCounters,
+    chunk_codecs,
+    model_signature,
+)
 from lcm_dist.latents.layout import (  # noqa: F401  (re-exported: the store's index arithmetic)
     auto_rows_per_chunk,
     chunk_bounds,
@@ -48,46 +56,6 @@ from lcm_dist.latents.layout import (  # noqa: F401  (re-exported: the store's i
 )
 from lcm_dist.latents.retry import RetryPolicy, StoreIOError, plain_reason, reason, store_options
 from lcm_dist.latents.zarr_groups import open_checked_group
-
-FORMAT = "lcm-dist-latents"
-VERSION = 1
-SLOTS_CHUNK = 1 << 20
-
-
-def model_signature(model_cfg) -> dict:
-    """What a store records about the model, to refuse a config it was not made for."""
-    from lcm_dist.model.latent_net import phi_layout
-
-    return {
-        "phi_size": phi_layout(model_cfg).size,
-        "noise_channels": model_cfg.noise_channels,
-        "latent_widths": list(model_cfg.latent_widths),
-        "phi_init_seed": model_cfg.phi_init_seed,
-        "preset": model_cfg.preset,
-    }
-
-
-def _codecs(codec: str, level: int) -> list:
-    import zarr.codecs
-
-    if codec == "none":
-        return []
-    if codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=level)]
-    if codec == "blosc":
-        return [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")]
-    raise ValueError(f"unknown latent store codec {codec!r}; use none, zstd or blosc")
-
-
-@dataclass
-class IOCounters:
-    """Cumulative store traffic (logical bytes: rows x P x storage itemsize)."""
-
-    bytes_read: int = 0
-    bytes_written: int = 0
-    chunk_reads: int = 0
-    chunk_writes: int = 0
-    retries: int = 0  # store operations repeated after a transient error
 
 
 class LatentStore:
@@ -205,7 +173,7 @@ class LatentStore:
                     # A written chunk that goes missing reads as NaN (caught), never as a
                     # valid phi.
                     fill_value=float("nan"),
-                    compressors=_codecs(codec, codec_level),
+                    compressors=chunk_codecs(codec, codec_level),
                     overwrite=True,
                 )
             )

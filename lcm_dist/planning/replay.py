@@ -20,7 +20,8 @@ import numpy as np
 from lcm_dist.config import RunConfig
 from lcm_dist.data.plan import batch_sizes, chunk_need_order, shards_for_rank, steps_per_epoch
 from lcm_dist.latents.cache import WriteBackCache
-from lcm_dist.latents.store import IOCounters, chunk_bounds, num_chunks
+from lcm_dist.latents.format import IOCounters
+from lcm_dist.latents.layout import chunk_bounds, num_chunks
 
 
 def synthetic_manifest(num_images: int, samples_per_shard: int, image_size: int) -> dict:

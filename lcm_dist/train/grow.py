@@ -50,7 +50,7 @@ def _new_rows(cfg: RunConfig, keys: list[str], phi_size: int) -> _FittedRows | N
     if not cfg.train.new_rows_from:
         return None
     from lcm_dist.latents.zarr_groups import open_checked_group
-    from lcm_dist.restore.job import FORMAT, VERSION
+    from lcm_dist.restore.output import FORMAT, VERSION
 
     url = cfg.train.new_rows_from.rstrip("/") + "/latents.zarr"
     group, attrs = open_checked_group(url, "r", None, "fit output", FORMAT, VERSION)

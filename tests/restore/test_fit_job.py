@@ -65,8 +65,9 @@ def test_results_do_not_depend_on_processes_or_a_stop(tmp_path, trained_export, 
     """One process, two processes' shares, and a fit stopped after one unit and resumed: the
     same latents, bit for bit."""
     from lcm_dist.restore.inputs import open_inputs
-    from lcm_dist.restore.job import FitOutput, FitSettings, run_fit
+    from lcm_dist.restore.job import FitSettings, run_fit
     from lcm_dist.restore.model import load_model
+    from lcm_dist.restore.output import FitOutput
 
     torch.use_deterministic_algorithms(True)
     try:
