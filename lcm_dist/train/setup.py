@@ -1,6 +1,6 @@
 """A run's parts, built once and in order from its config: the data plan, the latent table,
-the models and the DeepSpeed engine, the position to start from. Also the checkpoint commit,
-which gathers the parts' state. (What runs every batch is in ``lcm_dist.train.batches``.)
+the models and the DeepSpeed engine. (What runs every batch is in ``lcm_dist.train.batches``;
+what a checkpoint records and a resume reads back, part by part, in ``lcm_dist.train.resume``.)
 
 Every process calls these together: the steps that can fail on one process alone (reading the
 shards' manifest, opening the store, reading the checkpoint) run under
@@ -14,15 +14,16 @@ import os
 import torch
 
 from lcm_dist import distributed, lifecycle
-from lcm_dist.config import RunConfig, config_to_dict
+from lcm_dist.config import RunConfig
 from lcm_dist.data.shards import load_manifest
-from lcm_dist.latents.cache import IO_NICENESS, WriteBackCache
+from lcm_dist.latents.cache import WriteBackCache
+from lcm_dist.latents.io_threads import IO_NICENESS
 from lcm_dist.latents.layout import min_cache_bytes
-from lcm_dist.latents.run_store import open_run_store, resolve_url
+from lcm_dist.latents.run_store import open_run_store
 from lcm_dist.latents.table import InMemoryLatentTable
 from lcm_dist.model.latent_net import initial_phi
 from lcm_dist.train import checkpoint
-from lcm_dist.train.batches import share_latent_slots
+from lcm_dist.train.resume import RunState
 
 BUCKET_ELEMENTS = 10_000_000
 """ZeRO's gradient and all-gather bucket size, in elements, unless the config sets one."""
@@ -140,85 +141,6 @@ def _latent_cache(cfg: RunConfig, store, commit: checkpoint.Commit | None) -> Wr
     )
 
 
-# What decides the order in which an epoch deals its images: a resumed run whose values differ
-# from the checkpoint's cannot continue the interrupted epoch where it stopped.
-_PLAN_KEYS = {
-    "world_size": "processes",
-    "num_workers": "data.num_workers",
-    "batch_size": "data.batch_size",
-    "seed": "train.seed",
-    "shuffle_buffer": "data.shuffle_buffer",
-}
-
-
-def _data_plan(cfg: RunConfig) -> dict:
-    return {
-        "world_size": distributed.world_size(),
-        "num_workers": cfg.data.num_workers,
-        "batch_size": cfg.data.batch_size,
-        "seed": cfg.train.seed,
-        "shuffle_buffer": cfg.data.shuffle_buffer,
-    }
-
-
-def commit_checkpoint(
-    cfg: RunConfig, engine, latents, step: int, position: tuple[int, int], num_images: int
-) -> None:
-    """Flush the latents, save everything and commit it; then the store's committed slots
-    follow the checkpoint's."""
-
-    def write_back():
-        latents.flush()
-        if isinstance(latents, WriteBackCache):
-            latents.store.sync()  # this process's chunk writes reach the disk before the commit
-
-    distributed.together(f"writing back the latents for the checkpoint of step {step}", write_back)
-    share_latent_slots(latents)
-    slots = latents.store.live if isinstance(latents, WriteBackCache) else None
-    state = {
-        "step": step,
-        "epoch": position[0],
-        "batch_in_epoch": position[1],
-        **_data_plan(cfg),
-        "model": config_to_dict(cfg)["model"],
-        "loss": {"levels": cfg.train.lap_levels, "mse_weight": cfg.train.mse_weight},
-        "num_images": num_images,
-        "shards": cfg.data.shards,
-        "store_url": None if cfg.store.in_ram else resolve_url(cfg),
-    }
-    checkpoint.save(engine, cfg.run_dir, step, state, slots)
-    latents.commit(persist=distributed.is_main())
-    if distributed.is_main():
-        checkpoint.prune(cfg.run_dir, cfg.checkpoint.keep_latest)
-
-
-def _check_commit_matches(cfg: RunConfig, commit: checkpoint.Commit, num_images: int) -> None:
-    ours, theirs = config_to_dict(cfg)["model"], commit.state["model"]
-    if ours != theirs:
-        diff = ", ".join(
-            f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
-            for k in sorted(set(ours) | set(theirs))
-            if ours.get(k) != theirs.get(k)
-        )
-        raise checkpoint.CheckpointError(
-            f"the config's model differs from the one checkpointed in {commit.folder} ({diff}); "
-            "resume with the run's own model config, or use a new run_dir"
-        )
-    url = None if cfg.store.in_ram else resolve_url(cfg)
-    if commit.state["store_url"] != url:
-        raise checkpoint.CheckpointError(
-            f"the run in {cfg.run_dir} keeps its latents in {commit.state['store_url']}, but the "
-            f"config says {url}; resume with the run's own store settings"
-        )
-    trained_on = commit.state.get("num_images")
-    if trained_on is not None and trained_on != num_images:
-        raise checkpoint.CheckpointError(
-            f"the shards in {cfg.data.shards} hold {num_images} images but the run in "
-            f"{cfg.run_dir} was checkpointed on {trained_on}; resume with the run's own shards, "
-            "or start a new run_dir"
-        )
-
-
 def my_checkpoint_files(names: list[str]) -> list[str]:
     """The checkpoint files this process verifies on resume: each file is hashed by one
     process (``checkpoint.files_of_rank``), and the agreement after ``prepare`` stops every
@@ -226,9 +148,10 @@ def my_checkpoint_files(names: list[str]) -> list[str]:
     return checkpoint.files_of_rank(names, distributed.rank(), distributed.world_size())
 
 
-def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
+def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None, RunState]:
     """Checks that need no other process: the shards, the held-back images, the run lock (rank
-    0) and the newest commit. Returns (manifest, lock, commit)."""
+    0), the newest commit and that the run's parts can continue from it. Returns (manifest,
+    lock, commit, the registry of the run's stateful parts)."""
     manifest = load_manifest(cfg.data.shards)
     if manifest["image_size"] != cfg.model.image_size:
         raise ValueError(
@@ -241,40 +164,10 @@ def prepare(cfg: RunConfig) -> tuple[dict, object, checkpoint.Commit | None]:
         collect_sources([cfg.log.restore_images])  # a bad path fails before anything is written
     lock = lifecycle.lock_run_dir(cfg.run_dir) if distributed.is_main() else None
     commit = checkpoint.find_latest(cfg.run_dir, verify=my_checkpoint_files)
+    run_state = RunState(cfg, manifest["num_samples"])
     if commit is not None:
-        _check_commit_matches(cfg, commit, manifest["num_samples"])
-    return manifest, lock, commit
-
-
-def start_position(cfg: RunConfig, engine, commit: checkpoint.Commit | None):
-    """(first step, epoch, batch in epoch, note for the log) of a new or resumed run; loads
-    the engine and this process's RNG state from ``commit``."""
-    if commit is None:
-        return 1, 0, 0, ""
-    world = distributed.world_size()
-    same_world = commit.state["world_size"] == world
-    with_optimizer = checkpoint.load_engine(engine, commit, same_world)
-    epoch, batch = commit.state["epoch"], commit.state["batch_in_epoch"]
-    plan = _data_plan(cfg)
-    changed = [
-        name for key, name in _PLAN_KEYS.items() if commit.state.get(key, plan[key]) != plan[key]
-    ]
-    restarted = ""
-    if not changed:
-        rng = torch.load(commit.folder / f"rng-rank{distributed.rank()}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-    elif batch:
-        # The interrupted epoch's remaining images cannot be told apart under another plan:
-        # the epoch starts again (its images seen so far are trained once more).
-        restarted = f", epoch {epoch} restarted ({', '.join(changed)} changed)"
-        batch = 0
-    note = (
-        f"; resuming from {commit.tag} ({commit.state['world_size']} -> {world} processes"
-        + ("" if with_optimizer else ", optimizer state reset")
-        + restarted
-        + ")"
-    )
-    return commit.state["step"] + 1, epoch, batch, note
+        run_state.check(commit)
+    return manifest, lock, commit, run_state
 
 
 def skip_lone_allreduce(engine) -> None:

@@ -12,7 +12,7 @@ from lcm_dist.config import RunConfig, bottleneck_side, write_resolved_config
 from lcm_dist.data.loader import ShardLoader, images_on
 from lcm_dist.model.generator import Generator, count_parameters, set_memory_format
 from lcm_dist.model.latent_net import BatchedLatentNet, phi_layout
-from lcm_dist.train import batches, checkpoint
+from lcm_dist.train import batches, checkpoint, resume
 from lcm_dist.train import setup as run_setup
 from lcm_dist.train.monitor import NullLogger, PhaseClock, RowTrace, RunLogger
 from lcm_dist.train.step import NonFiniteLossError, Stepped, agree_to_go_on, fit_batch
@@ -44,7 +44,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
 
         # Data, run lock (held while this object lives), newest commit.
-        manifest, self._lock, commit = distributed.together(
+        manifest, self._lock, commit, self.run_state = distributed.together(
             "starting the run", lambda: run_setup.prepare(cfg)
         )
         if commit is None and cfg.train.grow_from:
@@ -88,7 +88,10 @@ class Trainer:
         run_setup.skip_lone_allreduce(self.engine)
         # Read checkpoints back without unpickling arbitrary objects.
         self.engine.checkpoint_engine = checkpoint.SafeCheckpointEngine(self.engine._config)
-        self.start_step, epoch, batch, resumed = run_setup.start_position(cfg, self.engine, commit)
+        self.run_state.register("engine", resume.EnginePart(self.engine))
+        position = self.run_state.register("position", resume.PositionPart(cfg))
+        resumed = "" if commit is None else self.run_state.load(commit)
+        self.start_step, epoch, batch = position.start
         # Under bf16 DeepSpeed casts the parameters; BatchNorm's running statistics stay fp32.
         self.gen_dtype = next(self.engine.module.parameters()).dtype
 
@@ -202,8 +205,8 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         start = time.perf_counter()
-        run_setup.commit_checkpoint(
-            self.cfg, self.engine, self.latents, step, self.position, self.num_rows
+        resume.commit_checkpoint(
+            self.cfg, self.run_state, self.engine, self.latents, resume.At(step, *self.position)
         )
         self.clock.add_host("checkpoint", time.perf_counter() - start)
 
