@@ -17,10 +17,12 @@ from lcm_dist.config import add_override_argument, load_config
 from lcm_dist.data.shards import load_manifest
 from lcm_dist.planning.compression import compression_ratio, sample_rows
 from lcm_dist.planning.cost import Cluster, measure_inner_step, model_cost
+from lcm_dist.planning.object_store import StorePrices
 from lcm_dist.planning.plan import assumptions_text, make_plan
 from lcm_dist.planning.replay import synthetic_manifest
 
 DEFAULTS = Cluster()
+PRICES = StorePrices()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULTS.checkpoint_mbps,
         help="MB/s of the run folder's filesystem, shared by all processes (%(default)s)",
     )
+    prices = parser.add_argument_group(
+        "object store prices and limits",
+        "defaults: Amazon S3 Standard, us-east-1 (https://aws.amazon.com/s3/pricing/; request "
+        "rates per prefix: https://docs.aws.amazon.com/AmazonS3/latest/userguide/"
+        "optimizing-performance.html)",
+    )
+    for flag, name, text in (
+        ("--get-price", "get_per_1000", "USD per 1,000 GET requests"),
+        ("--put-price", "put_per_1000", "USD per 1,000 PUT requests"),
+        ("--storage-price", "storage_per_gb_month", "USD per GB-month stored (GB = 2^30 bytes)"),
+        ("--get-limit", "get_per_second", "GET requests per second one key prefix serves"),
+        ("--put-limit", "put_per_second", "PUT requests per second one key prefix serves"),
+    ):
+        prices.add_argument(
+            flag,
+            type=float,
+            default=getattr(PRICES, name),
+            dest=name,
+            help=f"{text} (%(default)s)",
+        )
     step = parser.add_mutually_exclusive_group()
     step.add_argument(
         "--step-seconds",
@@ -85,9 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         positive = ("nodes", "gpus_per_node", "accelerator_tflops", "interconnect_gbps")
         positive += ("store_mbps", "checkpoint_mbps", "utilisation")
+        positive += ("get_per_second", "put_per_second")
+        flags = {"get_per_second": "get-limit", "put_per_second": "put-limit"}
         for name in positive:
             if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+                raise ValueError(f"--{flags.get(name, name.replace('_', '-'))} must be positive")
+        for name, flag in (
+            ("get_per_1000", "get-price"),
+            ("put_per_1000", "put-price"),
+            ("storage_per_gb_month", "storage-price"),
+        ):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{flag} must not be negative")
         if args.step_seconds is not None and args.step_seconds <= 0:
             raise ValueError("--step-seconds must be positive")
         if args.images is not None:
@@ -112,8 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows, rows_note = sample_rows(cfg, 64)
         ratio = compression_ratio(cfg, rows)
+        store_prices = StorePrices(
+            **{name: getattr(args, name) for name in StorePrices.__dataclass_fields__}
+        )
         plan = make_plan(
-            cfg, manifest, dataset, cluster, model_cost(cfg), ratio, rows_note, measured
+            cfg,
+            manifest,
+            dataset,
+            cluster,
+            model_cost(cfg),
+            ratio,
+            rows_note,
+            measured,
+            store_prices,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

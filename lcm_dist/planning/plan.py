@@ -4,7 +4,7 @@ Everything here is arithmetic on the config, the shards' manifest (real, or made
 number of images) and a few stated assumptions about the cluster, with three measured inputs:
 
 * the store's traffic and the cache's peak come from replaying one process's first two epochs
-  through the real cache (``lcm_dist.planning.replay``);
+  through the real cache (``lcm_dist.planning.replay``; a long epoch's first batches, scaled);
 * the compression ratio comes from compressing rows with the configured codec: real rows if
   the run's store exists, else the initial phi plus noise (``lcm_dist.planning.compression``);
 * the FLOPs of an inner step come from ``torch.utils.flop_counter`` (``lcm_dist.planning.cost``).
@@ -30,7 +30,15 @@ from lcm_dist.planning.cost import (
     inner_step_time,
     ring_traffic_bytes,
 )
-from lcm_dist.planning.replay import replay_epochs
+from lcm_dist.planning.object_store import (
+    StorePrices,
+    StoreTraffic,
+    add_object_store_section,
+    is_object_store,
+)
+from lcm_dist.planning.replay import replay_epochs, window_steps
+from lcm_dist.planning.units import fmt_bytes as _b
+from lcm_dist.planning.units import fmt_seconds as _t
 
 PREEMPTION_SECONDS = 30.0
 """torchrun and DeepSpeed's launcher kill the training processes this long after SIGTERM."""
@@ -65,26 +73,6 @@ class Plan:
         return "\n".join(out)
 
 
-def _b(n: float) -> str:
-    """Bytes in decimal units (GB = 1e9 bytes)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def _t(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
-        return f"{seconds * 1000:.2f} ms"
-    if seconds < 120:
-        return f"{seconds:.2f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def make_plan(
     cfg: RunConfig,
     manifest: dict,
@@ -94,10 +82,12 @@ def make_plan(
     ratio: float,
     ratio_note: str,
     measured: tuple[float, str] | None = None,
+    prices: StorePrices | None = None,
 ) -> Plan:
     """The plan of ``cfg`` on ``cluster`` for the dataset ``manifest``; ``cost`` and ``ratio``
     are measured by ``model_cost`` and ``compression_ratio``; ``measured``, from
-    ``measure_inner_step``, replaces the computed compute time of an inner step."""
+    ``measure_inner_step``, replaces the computed compute time of an inner step; ``prices``
+    are the object store's (default: S3 Standard's)."""
     from lcm_dist.model.latent_net import phi_layout
 
     plan = Plan()
@@ -143,7 +133,9 @@ def make_plan(
 
     # One process's cache and traffic, replayed.
     need_chunks, need_bytes = min_cache_bytes(d, rows, phi)
-    plan.section("per process: cache and store traffic (process 0, replayed epochs 0 and 1)")
+    window = window_steps(steps, d.batch_size, d.num_workers, sps) if steps else 0
+    how = "replayed" if window == steps else f"{window:,} of {steps:,} batches replayed, scaled"
+    plan.section(f"per process: cache and store traffic (process 0, epochs 0 and 1, {how})")
     plan.add("cache budget", f"{_b(st.cache_bytes)} (store.cache_bytes)")
     plan.add("least budget", f"{_b(need_bytes)}: the {need_chunks} chunks one batch may touch")
     if chunk_bytes > st.cache_bytes:
@@ -286,7 +278,12 @@ def make_plan(
             "all processes",
             f"{_b(per_process * world)}/s against the store's {cluster.store_mbps:g} MB/s",
         )
-        shard_bytes = [e.get("bytes", 0) for e in manifest["shards"]]
+        # A manifest of real shards has their bytes (a synthetic one, of any length, has none).
+        shard_bytes = (
+            [e.get("bytes", 0) for e in manifest["shards"]]
+            if "bytes" in manifest["shards"][0]
+            else [0]
+        )
         if all(shard_bytes):
             images = sum(shard_bytes) / n * d.batch_size / step_seconds
             plan.add("shards", f"{_b(images)}/s of images per process (shard bytes / image)")
@@ -304,6 +301,35 @@ def make_plan(
                 f"{cluster.store_mbps:g} MB/s (--store-mbps), so steps will wait on it; use a faster "
                 "store, store.dtype float16 or a compressing store.codec"
             )
+
+    # The store's objects, requests and their cost.
+    traffic = None
+    if replayed:
+        traffic = StoreTraffic(
+            chunk_reads=steady.chunk_reads,
+            chunk_writes=steady.chunk_writes,
+            bytes_moved=(steady.bytes_read + steady.bytes_written) / ratio,
+            epoch_seconds=steps * step_seconds,
+        )
+    fixes = f"store.rows_per_chunk above {rows} (a divisor of the shards' {sps:,} samples; "
+    fixes += "the cache's least budget grows with it)"
+    if st.dtype == "float32" and not st.rows_per_chunk:
+        fixes += ", store.dtype float16 (twice the rows in an automatic chunk)"
+    fixes += " or shards of more samples (make_shards.py --samples-per-shard)"
+    add_object_store_section(
+        plan,
+        prices or StorePrices(),
+        chunks=chunks,
+        stored_chunk_bytes=rows * phi * itemsize / ratio,
+        stored_bytes=2 * logical / ratio,
+        export_bytes=logical / ratio + n * phi * 4,
+        store_mbps=cluster.store_mbps,
+        world=world,
+        gpus_per_node=cluster.gpus_per_node,
+        traffic=traffic,
+        fixes=fixes,
+        object_store=is_object_store(st.url),
+    )
 
     # Checkpoints.
     files = checkpoint_bytes(cfg, cost, world, chunks)
