@@ -8,7 +8,12 @@ import os
 import numpy as np
 
 from lcm_dist.latents.format import model_signature
-from lcm_dist.latents.layout import auto_rows_per_chunk
+from lcm_dist.latents.layout import (
+    MAX_AUTO_CHUNK_BYTES,
+    MAX_AUTO_OBJECT_CHUNK_BYTES,
+    auto_rows_per_chunk,
+    is_object_store,
+)
 from lcm_dist.latents.retry import RetryPolicy
 from lcm_dist.latents.store import LatentStore
 
@@ -24,12 +29,16 @@ def retry_policy(cfg) -> RetryPolicy:
 
 
 def rows_per_chunk_for(cfg, samples_per_shard: int) -> int:
-    """``store.rows_per_chunk``, or the automatic choice; checked to divide the shard size, so
-    that a shard maps to whole chunks and no two processes ever write the same chunk."""
+    """``store.rows_per_chunk``, or the automatic choice (chunks up to 8 MB on a filesystem,
+    16 MB on object storage); checked to divide the shard size, so that a shard maps to whole
+    chunks and no two processes ever write the same chunk."""
     from lcm_dist.model.latent_net import phi_layout
 
     row_bytes = phi_layout(cfg.model).size * np.dtype(cfg.store.dtype).itemsize
-    rows = cfg.store.rows_per_chunk or auto_rows_per_chunk(samples_per_shard, row_bytes)
+    largest = (
+        MAX_AUTO_OBJECT_CHUNK_BYTES if is_object_store(resolve_url(cfg)) else MAX_AUTO_CHUNK_BYTES
+    )
+    rows = cfg.store.rows_per_chunk or auto_rows_per_chunk(samples_per_shard, row_bytes, largest)
     if samples_per_shard % rows:
         raise ValueError(
             f"store.rows_per_chunk ({rows}) must divide the shards' samples_per_shard "

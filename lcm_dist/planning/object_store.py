@@ -25,13 +25,6 @@ from lcm_dist.planning.units import fmt_seconds as _t
 GIB = 1 << 30
 
 
-def is_object_store(url: str) -> bool:
-    """Whether a store URL names object storage (s3://, gs://, az://, ...): not a local path,
-    file:// or memory://."""
-    scheme, sep, _ = url.partition("://")
-    return bool(sep) and scheme not in ("file", "local", "memory")
-
-
 @dataclass(frozen=True)
 class StorePrices:
     """Object storage prices and per-prefix request limits (defaults: S3 Standard)."""

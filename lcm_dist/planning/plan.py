@@ -20,8 +20,8 @@ import numpy as np
 
 from lcm_dist.config import RunConfig
 from lcm_dist.data.plan import shards_for_rank, steps_per_epoch
-from lcm_dist.latents.layout import min_cache_bytes, num_chunks
-from lcm_dist.latents.run_store import rows_per_chunk_for
+from lcm_dist.latents.layout import is_object_store, min_cache_bytes, num_chunks
+from lcm_dist.latents.run_store import resolve_url, rows_per_chunk_for
 from lcm_dist.planning.cost import (
     Cluster,
     ModelCost,
@@ -34,7 +34,6 @@ from lcm_dist.planning.object_store import (
     StorePrices,
     StoreTraffic,
     add_object_store_section,
-    is_object_store,
 )
 from lcm_dist.planning.replay import replay_epochs, window_steps
 from lcm_dist.planning.units import fmt_bytes as _b
@@ -328,7 +327,7 @@ def make_plan(
         gpus_per_node=cluster.gpus_per_node,
         traffic=traffic,
         fixes=fixes,
-        object_store=is_object_store(st.url),
+        object_store=is_object_store(resolve_url(cfg)),
     )
 
     # Checkpoints.

@@ -33,6 +33,24 @@ def test_index_arithmetic():
     # = 85.8, and the largest divisor of 1000 up to 85 is 50.
     assert auto_rows_per_chunk(1000, 97_792) == 50
     assert auto_rows_per_chunk(7, 1 << 30) == 1
+    # On object storage, up to 16 MB: 171.6 rows, and the largest divisor up to it is 125.
+    assert auto_rows_per_chunk(1000, 97_792, 16 << 20) == 125
+
+
+def test_the_automatic_chunk_is_larger_on_object_storage(tmp_path):
+    from lcm_dist.config import config_from_dict
+    from lcm_dist.latents.run_store import rows_per_chunk_for
+
+    def rows(url):
+        raw = {"run_dir": str(tmp_path), "model": {"preset": "paper"}, "store": {"url": url}}
+        raw["data"] = {"shards": "unused"}
+        raw["train"] = {"max_steps": 1}
+        raw["deepspeed"] = {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+        return rows_per_chunk_for(config_from_dict(raw), 1000)
+
+    assert rows("") == rows(str(tmp_path / "l.zarr")) == rows("file:///x/l.zarr") == 50
+    assert rows("memory://l.zarr") == 50
+    assert rows("s3://bucket/l.zarr") == rows("gs://bucket/l.zarr") == 125
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

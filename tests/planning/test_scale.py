@@ -129,9 +129,11 @@ def test_the_plan_of_a_billion_images_prices_the_store(cli):
     assert other["request_cost_per_epoch"] == pytest.approx(
         other["put_requests_per_epoch"] / 1000 * 0.01
     )
+    # On object storage the automatic chunk is up to 16 MB: 125 rows, 8,000,000 objects.
+    assert other["rows_per_chunk"] == 125 and other["objects_per_slot"] == 8_000_000
     (warning,) = [w for w in other["warnings"] if "requests/s" in w]
     assert "PUT requests/s on one slot's key prefix, above the 100 per second" in warning
-    assert "store.rows_per_chunk above 50" in warning and "store.dtype float16" in warning
+    assert "store.rows_per_chunk above 125" in warning and "store.dtype float16" in warning
 
 
 def test_bad_price_flags_are_one_line_errors(cli):
