@@ -91,7 +91,8 @@ def add_object_store_section(
             f"(limits {prices.get_per_second:,.0f} and {prices.put_per_second:,.0f} per prefix)",
         )
         plan.add("request cost", f"${cost:,.2f} per epoch")
-        plan.add("per node", f"{_b(node)}/s to and from the store ({gpus_per_node} processes)")
+        per = f"{gpus_per_node} process" + ("es" if gpus_per_node != 1 else "")
+        plan.add("per node", f"{_b(node)}/s to and from the store ({per})")
         plan.numbers.update(
             get_requests_per_epoch=gets,
             put_requests_per_epoch=puts,
