@@ -129,3 +129,29 @@ def test_fit_benchmark_fits_on_one_and_two_processes_with_equal_results():
         result["images_per_s_2"] / result["images_per_s_1"], abs=1e-3
     )
     assert result["max_abs_diff"] == 0.0  # the units do not depend on the number of processes
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_epoch_benchmark_trains_every_row_once_and_moves_each_chunk_once_per_epoch():
+    from lcm_dist.benchmarks.epoch import bench_scale_train
+
+    result = bench_scale_train(small=2048, large=8192, batch=256)
+    assert result["rows_once_8192"] and result["rows_once_2048"]
+    assert result["steps_2048"] >= result["steps_8192"]  # the small set runs as many steps
+    assert result["epochs_2048"] > 2
+    for n in (2048, 8192):
+        assert result[f"epoch0_bytes_written_{n}"] == result[f"store_bytes_{n}"]
+        assert result[f"io_amplification_{n}"] == 1.0
+    assert result["rss_ratio"] > 0 and result["images_per_s_8192"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_benchmark_reads_each_checkpoint_file_once_across_processes():
+    from lcm_dist.benchmarks.resume import bench_resume
+
+    result = bench_resume(rounds=1)
+    assert result["bytes_read_own_share"] == result["checkpoint_bytes"]
+    assert result["bytes_read_all_files"] == 8 * result["checkpoint_bytes"]
+    assert result["seconds_all_files"] > 0 and result["seconds_own_share"] > 0
