@@ -144,6 +144,9 @@ def test_epoch_benchmark_trains_every_row_once_and_moves_each_chunk_once_per_epo
         assert result[f"epoch0_bytes_written_{n}"] == result[f"store_bytes_{n}"]
         assert result[f"io_amplification_{n}"] == 1.0
     assert result["rss_ratio"] > 0 and result["images_per_s_8192"] > 0
+    assert len(result["peak_rss_bytes_8192_per_rank"]) == 2
+    assert result["malloc"].startswith("mmap threshold")  # peak RSS is the memory in use
+    assert not result["keeps_freed_memory_8192"] and not result["keeps_freed_memory_2048"]
 
 
 @pytest.mark.slow

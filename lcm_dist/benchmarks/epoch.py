@@ -12,7 +12,15 @@ from the runs themselves:
   processes, against twice the store's size (a read and a write of every row: 1.0);
 - ``rss_ratio``: the largest peak resident memory of a training process at 1,000,000 images
   over that at 10,000 after as many steps (``rss_ratio_worker``: of a loader worker);
+  ``peak_rss_bytes_<N>_per_rank`` shows the spread between the two processes of one run;
 - ``images_per_s_<N>``: images trained per second, both processes together.
+
+Peak RSS here is the memory in use: the training processes run with glibc's mmap threshold
+fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so the megabytes a step frees go back to the kernel.
+With the trainer's CPU default (``lcm_dist/memory.py`` keeps freed memory on the heap for speed;
+``--keep-freed-memory`` runs with it) the peak is the heap's high-water mark: the step's
+transient tensors (~400 MB at a batch of 1,024) fragment the heap differently in every process,
+and the two ranks of one run differed by up to 160 MB, more than the number of images moved it.
 
 The shard set is real (WebDataset tars, a manifest, keys, PNG images decoded by the loader);
 to write a million images in a minute rather than an hour, its images are 4,096 random crops
@@ -35,6 +43,7 @@ from lcm_dist.distributed import free_port
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES_PER_SHARD = 1024
 DISTINCT_IMAGES = 4096
+MMAP_THRESHOLD = 1 << 20
 TINY_MODEL = {
     "preset": "demo32",
     "noise_size": 12,
@@ -87,6 +96,7 @@ def run_config(tmp: Path, shards: Path, num_images: int, batch: int, epochs: int
 def child(config_path: str, report_dir: str) -> None:
     """One training process under torchrun: train, then write this process's report."""
     from lcm_dist.config import load_config
+    from lcm_dist.memory import keep_freed_memory
     from lcm_dist.train.loop import train
 
     start = time.perf_counter()
@@ -98,6 +108,8 @@ def child(config_path: str, report_dir: str) -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_worker_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "epoch_io": run.epoch_io,
+        # The trainer set it (or not) at its start; asking again changes nothing.
+        "keeps_freed_memory": keep_freed_memory(),
     }
     Path(report_dir, f"report-rank{rank}.json").write_text(json.dumps(report))
 
@@ -122,7 +134,14 @@ def rows_once(run_dir: Path, num_images: int, epochs: int) -> bool:
     return True
 
 
-def one_size(tmp: Path, num_images: int, batch: int, epochs: int, steps: int = 0) -> dict:
+def one_size(
+    tmp: Path,
+    num_images: int,
+    batch: int,
+    epochs: int,
+    steps: int = 0,
+    keep_freed_memory: bool = False,
+) -> dict:
     """Train ``epochs`` epochs of ``num_images`` (or, given ``steps``, the epochs that make at
     least that many steps) and report what the run measured."""
     from lcm_dist.latents.store import LatentStore
@@ -142,6 +161,9 @@ def one_size(tmp: Path, num_images: int, batch: int, epochs: int, steps: int = 0
     cmd += ["--master_port", str(free_port()), "-m", "lcm_dist.benchmarks.epoch"]
     cmd += [str(config_path), str(reports)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if not keep_freed_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # the trainer then leaves malloc be
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"training {num_images} images failed:\n{done.stderr[-3000:]}")
@@ -169,6 +191,8 @@ def one_size(tmp: Path, num_images: int, batch: int, epochs: int, steps: int = 0
         # per epoch after the first
         f"io_amplification_{num_images}": round(moved / (2 * store.nbytes * (epochs - 1)), 4),
         f"peak_rss_bytes_{num_images}": max(r["peak_rss_bytes"] for r in ranks),
+        f"peak_rss_bytes_{num_images}_per_rank": [r["peak_rss_bytes"] for r in ranks],
+        f"keeps_freed_memory_{num_images}": all(r["keeps_freed_memory"] for r in ranks),
         f"peak_rss_worker_bytes_{num_images}": max(r["peak_rss_worker_bytes"] for r in ranks),
         f"peak_cache_bytes_{num_images}": max(
             r["epoch_io"][-1]["store/peak_resident_bytes"] for r in ranks
@@ -177,17 +201,27 @@ def one_size(tmp: Path, num_images: int, batch: int, epochs: int, steps: int = 0
 
 
 def bench_scale_train(
-    small: int = 10_000, large: int = 1_000_000, batch: int = 1024, epochs: int = 2
+    small: int = 10_000,
+    large: int = 1_000_000,
+    batch: int = 1024,
+    epochs: int = 2,
+    keep_freed_memory: bool = False,
 ) -> dict:
     if epochs < 2:
         raise ValueError("the scale --train benchmark needs 2 epochs (epoch 1 is the steady state)")
     result: dict = {"processes": 2, "batch_size": batch, "epochs": epochs, "phi_size": 368}
+    result["malloc"] = (
+        "keeps freed memory (the trainer's CPU default)"
+        if keep_freed_memory
+        else f"mmap threshold {MMAP_THRESHOLD >> 20} MiB (freed memory returned)"
+    )
     with tempfile.TemporaryDirectory(prefix="lcm-bench-epoch-") as name:
-        result.update(one_size(Path(name), large, batch, epochs))
+        result.update(one_size(Path(name), large, batch, epochs, 0, keep_freed_memory))
         # The small set trains as many steps as the large one (many more epochs): a process's
         # peak RSS creeps up with the steps it has run (the allocator's heap), whatever the
         # number of images, and that is not what this compares.
-        result.update(one_size(Path(name), small, batch, epochs, result[f"steps_{large}"]))
+        steps = result[f"steps_{large}"]
+        result.update(one_size(Path(name), small, batch, epochs, steps, keep_freed_memory))
     result["rss_ratio"] = round(
         result[f"peak_rss_bytes_{large}"] / result[f"peak_rss_bytes_{small}"], 4
     )
