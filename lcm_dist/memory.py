@@ -9,7 +9,7 @@ step at 4 inner steps, about a quarter of the step's time. Telling malloc to kee
 ~0 faults, the step 25% faster, for about 130 MB more resident memory that stays flat over a
 run (``python launch/bench.py step`` runs with it; ``docs/benchmarks.md`` has the numbers).
 The heap then keeps its high-water mark, which depends on how a step's tensors happened to
-fragment it: two processes of one run can differ by a hundred MB or more (measured with the
+fragment it: two processes of one run differed by up to about a hundred MB (measured with the
 transient ~400 MB of ``bench.py scale --train``, which therefore runs without it).
 
 The trainer and the restoration fit call it with their device: it applies on the CPU, only

@@ -19,8 +19,9 @@ Peak RSS here is the memory in use: the training processes run with glibc's mmap
 fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so the megabytes a step frees go back to the kernel.
 With the trainer's CPU default (``lcm_dist/memory.py`` keeps freed memory on the heap for speed;
 ``--keep-freed-memory`` runs with it) the peak is the heap's high-water mark: the step's
-transient tensors (~400 MB at a batch of 1,024) fragment the heap differently in every process,
-and the two ranks of one run differed by up to 160 MB, more than the number of images moved it.
+transient tensors (~400 MB at a batch of 1,024) fragment the heap differently in every process:
+the two ranks of one run differed by 29 to 103 MB over five runs (3 to 21 MB returning freed
+memory), as much as the whole gap between the sizes that the cache does not explain.
 
 The shard set is real (WebDataset tars, a manifest, keys, PNG images decoded by the loader);
 to write a million images in a minute rather than an hour, its images are 4,096 random crops
