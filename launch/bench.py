@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.quick or args.peak_tflops:
         parser.error("--quick and --peak-tflops apply to the gpu benchmark only")
     if args.name == "scale" and args.train:
-        from lcm_dist.benchmarks.epoch import bench_scale_train
+        from lcm_dist.benchmarks.epoch import SMALL_IMAGES, bench_scale_train
 
+        if args.images <= SMALL_IMAGES:
+            parser.error(f"--images must be larger than the {SMALL_IMAGES:,} it is compared with")
         run = bench_scale_train
         options = {"large": args.images, "keep_freed_memory": args.keep_freed_memory}
     elif args.train or args.images != 1_000_000 or args.keep_freed_memory:

@@ -118,6 +118,21 @@ def test_bench_options_belong_to_the_gpu_benchmark(capsys):
     assert "apply to the gpu benchmark only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["store", "--keep-freed-memory"], "apply to scale --train only"),
+        (["scale", "--train", "--images", "0"], "--images must be larger than the 10,000"),
+    ],
+)
+def test_scale_train_options_are_checked_before_anything_runs(capsys, argv, message):
+    bench = load_script("bench")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_fit_benchmark_fits_on_one_and_two_processes_with_equal_results():

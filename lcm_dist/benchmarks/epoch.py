@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLES_PER_SHARD = 1024
 DISTINCT_IMAGES = 4096
 MMAP_THRESHOLD = 1 << 20
+SMALL_IMAGES = 10_000  # the size the large set is compared with
 TINY_MODEL = {
     "preset": "demo32",
     "noise_size": 12,
@@ -202,7 +203,7 @@ def one_size(
 
 
 def bench_scale_train(
-    small: int = 10_000,
+    small: int = SMALL_IMAGES,
     large: int = 1_000_000,
     batch: int = 1024,
     epochs: int = 2,
@@ -210,6 +211,8 @@ def bench_scale_train(
 ) -> dict:
     if epochs < 2:
         raise ValueError("the scale --train benchmark needs 2 epochs (epoch 1 is the steady state)")
+    if large <= small:
+        raise ValueError(f"the large set ({large:,} images) must be larger than {small:,}")
     result: dict = {"processes": 2, "batch_size": batch, "epochs": epochs, "phi_size": 368}
     result["malloc"] = (
         "keeps freed memory (the trainer's CPU default)"
