@@ -125,6 +125,7 @@ def _write(args, model, restoring: bool) -> None:
     from lcm_dist.files import collect_sources
     from lcm_dist.images import to_png_bytes
     from lcm_dist.restore.cli import operator_from_args, restore_from_args, save_latents
+    from lcm_dist.restore.degrade import finish
 
     if args.reconstruct:
         rows = list(dict.fromkeys(model.row_of(k) for k in args.reconstruct))
@@ -144,8 +145,7 @@ def _write(args, model, restoring: bool) -> None:
     y, files = _observations(args.images, operator, size, args.task)
     names = _output_names(files, args.out)
     images, phi, seconds = restore_from_args(model, y, operator, args)
-    if args.task == "inpaint" and not args.raw:
-        images = operator.paste(y, images)
+    images = finish(operator, y, images, args.finish)
     for name, image in zip(names, images, strict=True):
         with open(os.path.join(args.out, name), "wb") as f:
             f.write(to_png_bytes(image))

@@ -14,7 +14,7 @@ def evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
     from lcm_dist.evaluate.report import score, write_report
     from lcm_dist.images import load_images
     from lcm_dist.restore.cli import operator_from_args, restore_from_args
-    from lcm_dist.restore.degrade import DEFAULT_BOX
+    from lcm_dist.restore.degrade import DEFAULT_BOX, finish
     from lcm_dist.restore.fit import iteration_bar
     from lcm_dist.restore.model import load_model
 
@@ -58,10 +58,19 @@ def evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
             "iterations": 0,
             "seconds": time.perf_counter() - start,
         }
-    for r in results.values():
-        if args.task == "inpaint" and not args.raw:
-            # Scored as restore.py writes them: the observed pixels put back, only holes filled.
-            r["images"] = operator.paste(y, r["images"])
+    naive = results.get("naive")
+    if naive is not None and args.task != "inpaint" and args.finish != "raw":
+        # The naive baseline as defined, and with the fitted methods' finish for comparison
+        results[f"naive+{args.finish}"] = {
+            **naive,
+            "images": finish(operator, y, naive["images"], args.finish),
+        }
+    for name, r in results.items():
+        if not name.startswith("naive"):
+            # Scored as restore.py writes them (--finish; inpainting: observed pixels put back)
+            r["images"] = finish(operator, y, r["images"], args.finish)
+        elif args.task == "inpaint" and args.finish != "raw":
+            r["images"] = operator.paste(y, r["images"])  # the fill keeps them anyway
         r["metrics"] = score(clean, r["images"], operator)
     settings = {
         k: getattr(args, k)
@@ -79,7 +88,7 @@ def evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
             "random_pixels",
             "mask",
             "fill",
-            "raw",
+            "finish",
             "seed",
             "init",
             "refine",
@@ -95,8 +104,6 @@ def evaluate(args, baselines: list[str], dip_counts: list[int]) -> dict:
         settings["box"] = DEFAULT_BOX if args.box is None else args.box
     if args.task != "superres":
         settings["factor"] = None
-    if args.task != "inpaint":
-        settings["raw"] = None
     return write_report(
         args.out,
         task=args.task,

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lcm_dist.restore.degrade import Degradation
+from lcm_dist.restore.degrade import FINISHES, Degradation
 from lcm_dist.restore.fit import (
     DEFAULT_ITERATIONS,
     INITS,
     OPTIMIZERS,
+    TASK_FINISH,
     TASK_INITS,
+    TASK_ITERATIONS,
     fit_settings,
     restore,
 )
@@ -73,8 +75,9 @@ def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | N
     parser.add_argument(
         "--iterations",
         type=int,
-        default=DEFAULT_ITERATIONS,
-        help="iterations of the phi fit (and of DIP, in evaluate.py) (%(default)s)",
+        help="iterations of the phi fit (and of DIP, in evaluate.py); default: "
+        + ", ".join(f"{v} for {k}" for k, v in TASK_ITERATIONS.items())
+        + f", {DEFAULT_ITERATIONS} otherwise",
     )
     parser.add_argument(
         "--optimizer",
@@ -114,15 +117,23 @@ def add_fit_arguments(parser, *, task_required: bool, tasks: tuple[str, ...] | N
         "weight 5 over 5 pixels, the raw generated image); sets those options",
     )
     parser.add_argument(
-        "--raw",
-        action="store_true",
-        help="inpainting: keep the whole generated image (default: observed pixels put back)",
+        "--finish",
+        choices=FINISHES,
+        help="how the generated image becomes the output: raw (as generated), consistent (made "
+        "to agree with the observation: inpainting puts the observed pixels back, "
+        "super-resolution moves each block's mean to its observed pixel, colorization sets the "
+        "luma to the observed one and keeps the generated colour); default: "
+        + ", ".join(f"{v} for {k}" for k, v in TASK_FINISH.items()),
     )
+    parser.add_argument("--raw", action="store_true", help="the same as --finish raw")
 
 
 def settle_fit_arguments(args, restoring: bool = True) -> None:
-    """Check the ``add_fit_arguments`` options and, when restoring, fill in the task's default
-    optimizer and learning rate (``fit_settings``) in ``args``."""
+    """Check the ``add_fit_arguments`` options and fill in the task's defaults in ``args``:
+    iterations, start and finish, and when restoring the optimizer and learning rate
+    (``fit_settings``)."""
+    if args.iterations is None:
+        args.iterations = TASK_ITERATIONS.get(args.task, DEFAULT_ITERATIONS)
     if args.iterations < 1 or args.batch_size < 1:
         raise ValueError(
             f"--iterations and --batch-size must be at least 1, got {args.iterations} and "
@@ -146,10 +157,16 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
             f"--refine must be >= 0 and --refine-lr positive, got {args.refine} and "
             f"{args.refine_lr}"
         )
+    raw = getattr(args, "raw", False)
+    if raw and args.finish not in (None, "raw"):
+        raise ValueError(f"--raw and --finish {args.finish} contradict each other")
+    if raw:
+        args.finish = "raw"
     if getattr(args, "recipe", None) == "authors":
         # The authors fit 50 images at SGD lr 1.0 on the batch's mean loss: lr 0.02 on each
         # image's own loss (REFERENCE.md).
-        args.optimizer, args.lr, args.iterations, args.raw = "sgd", 0.02, 3001, True
+        args.optimizer, args.lr, args.iterations = "sgd", 0.02, 3001
+        args.finish = "raw"
         if getattr(args, "init", None) is None:
             args.init = "default"  # their seed-42 start
         if args.task == "inpaint":
@@ -158,6 +175,8 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
         args.optimizer, args.lr = fit_settings(args.task, args.optimizer, args.lr)
     if getattr(args, "init", None) is None:
         args.init = TASK_INITS.get(args.task, "default")
+    if args.finish is None:
+        args.finish = TASK_FINISH.get(args.task, "raw")
 
 
 def operator_from_args(args, size: int, count: int, **extra) -> Degradation:

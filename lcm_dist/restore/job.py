@@ -27,6 +27,7 @@ import torch
 from lcm_dist.restore.degrade import (
     Degradation,
     Inpaint,
+    finish,
     make_operator,
     random_boxes_mask,
     random_pixels_mask,
@@ -56,7 +57,7 @@ class FitSettings:
     random_pixels: float = 0.0
     ring_weight: float = 1.0
     ring_width: int = 0
-    raw: bool = False
+    finish: str = "raw"
     init: str = "default"
     image_output: str = "png"
 
@@ -167,8 +168,7 @@ def fit_unit(model, inputs, settings: FitSettings, lo: int, hi: int) -> tuple[di
         return_loss=True,
         init=settings.init,
     )
-    if settings.task == "inpaint" and not settings.raw:
-        images = operator.paste(y, images)
+    images = finish(operator, y, images, settings.finish)
     seconds = time.perf_counter() - start
     result = {
         "phi": phi.numpy(),

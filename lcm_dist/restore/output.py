@@ -89,7 +89,8 @@ class FitOutput:
             return out
 
         old, new = flat(stored), flat(attrs)
-        for key in sorted(set(old) | set(new)):
+        # The task first: a different task is the difference to name, not what it implies
+        for key in sorted(set(old) | set(new), key=lambda k: (k != "settings.task", k)):
             if old.get(key) != new.get(key):
                 raise InputError(
                     f"{self.url} belongs to another fit ({key} is {old.get(key)!r} there, "

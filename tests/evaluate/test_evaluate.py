@@ -68,7 +68,7 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards, cli):
     assert len(report["images"]) == 2 and "lcm" in report["images"][0]
     # Scored with the observed pixels put back (as restore.py writes them): the whole image's
     # error is the hole's, spread over 4 times the pixels (a 32x32 hole in 64x64).
-    assert report["settings"]["raw"] is False
+    assert report["settings"]["finish"] == "consistent"
     for image in report["images"]:
         for method in ("lcm", "dip", "naive"):
             m = image[method]
@@ -93,11 +93,17 @@ def test_evaluate_cli_writes_report(tmp_path, trained_export, demo_shards, cli):
         "2",
         "--baselines",
         "naive",
+        "--finish",
+        "consistent",
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ev2" / "report.json").read_text())
-    assert set(report["mean"]) == {"lcm", "naive"} and "psnr_hole" not in report["mean"]["lcm"]
+    # The naive baseline as defined, and with the LCM's finish (never further from the truth)
+    assert list(report["mean"]) == ["lcm", "naive", "naive+consistent"]
+    assert "psnr_hole" not in report["mean"]["lcm"]
+    for image in report["images"]:
+        assert image["naive+consistent"]["psnr"] >= image["naive"]["psnr"]
     assert (report["settings"]["optimizer"], report["settings"]["lr"]) == ("adam", 0.01)
 
     # DIP alone, read out after 1 and 3 iterations of one fit per image.

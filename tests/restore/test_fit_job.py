@@ -50,6 +50,7 @@ def test_embedding_a_shard_set_writes_every_row_and_a_rerun_fits_nothing(
     assert group.attrs["complete"] is True
     psnr = np.asarray(group["psnr"][:])
     assert np.isfinite(psnr).all() and (psnr > 5).all()
+    assert f"against their inputs: {psnr.mean():.2f} dB" in proc.stdout
     assert len(list((out / "images").glob("*.png"))) == 64
     assert (out / "images" / "0000000063.png").is_file()
     assert len(list((out / "done").glob("unit-*.json"))) == 4

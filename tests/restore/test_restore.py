@@ -13,6 +13,7 @@ from lcm_dist.restore.degrade import (
     Inpaint,
     SuperRes,
     box_mask,
+    finish,
     make_operator,
     mask_from_file,
     random_boxes_mask,
@@ -115,6 +116,32 @@ def test_naive_inpainting_fills():
     for fill in ("mean", "biharmonic"):
         op = Inpaint(known, fill)
         torch.testing.assert_close(op.naive(op(flat)), flat, atol=1e-5, rtol=0)
+
+
+def test_consistent_outputs_agree_with_the_observation_and_never_move_away_from_the_truth():
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 3, 16, 16, generator=gen)
+    for op in (SuperRes(4), Colorize(), Inpaint(box_mask(16, 0.5))):
+        y = op(clean)
+        guess = (clean + 0.3 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+        out = finish(op, y, guess, "consistent")
+        assert out.min() >= 0 and out.max() <= 1
+        if op.name != "colorize":  # a least-squares projection: nearer the clean image
+            before = (guess - clean).pow(2).flatten(1).sum(1)
+            after = (out - clean).pow(2).flatten(1).sum(1)
+            assert (after <= before + 1e-6).all() and (after < before).any(), op.name
+        # In the open box (nothing clamped) the observation is met exactly
+        mid = (0.25 + 0.5 * clean).clamp(0, 1)
+        near = (mid + 0.05 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+        torch.testing.assert_close(op(finish(op, op(mid), near, "consistent")), op(mid))
+        assert finish(op, y, guess, "raw") is guess
+    torch.testing.assert_close(SuperRes(4).consistent(SuperRes(4)(clean), clean), clean)
+    # Colorization keeps the generated colour differences and takes the observed luma
+    mid = 0.25 + 0.5 * clean
+    tinted = mid + torch.tensor([0.05, -0.02, 0.04]).view(1, 3, 1, 1)
+    out = Colorize().consistent(Colorize()(mid), tinted)
+    torch.testing.assert_close(out - out[:, 1:2], tinted - tinted[:, 1:2])
+    torch.testing.assert_close(Colorize()(out), Colorize()(mid))
 
 
 def test_restoring_an_undegraded_image_reproduces_it(trained_export, demo64_shards):
@@ -592,11 +619,16 @@ def test_the_authors_recipe_sets_their_fit():
     add_fit_arguments(parser, task_required=True)
     args = parser.parse_args(["--model", "m", "--task", "inpaint", "--recipe", "authors"])
     settle_fit_arguments(args)
-    assert (args.optimizer, args.lr, args.iterations, args.raw) == ("sgd", 0.02, 3001, True)
+    assert (args.optimizer, args.lr, args.iterations, args.finish) == ("sgd", 0.02, 3001, "raw")
     assert (args.ring_weight, args.ring_width, args.init) == (5.0, 5, "default")
     args = parser.parse_args(["--model", "m", "--task", "superres", "--recipe", "authors"])
     settle_fit_arguments(args)
     assert (args.optimizer, args.lr, args.ring_width) == ("sgd", 0.02, 0)
+    args = parser.parse_args(
+        ["--model", "m", "--task", "inpaint", "--raw", "--finish", "consistent"]
+    )
+    with pytest.raises(ValueError, match="--raw and --finish consistent contradict"):
+        settle_fit_arguments(args)
 
 
 def test_joint_refinement_lowers_the_data_term_and_leaves_the_model(trained_export):
