@@ -157,10 +157,9 @@ def settle_fit_arguments(args, restoring: bool = True) -> None:
             f"--refine must be >= 0 and --refine-lr positive, got {args.refine} and "
             f"{args.refine_lr}"
         )
-    raw = getattr(args, "raw", False)
-    if raw and args.finish not in (None, "raw"):
-        raise ValueError(f"--raw and --finish {args.finish} contradict each other")
-    if raw:
+    if args.raw:
+        if args.finish not in (None, "raw"):
+            raise ValueError(f"--raw and --finish {args.finish} contradict each other")
         args.finish = "raw"
     if getattr(args, "recipe", None) == "authors":
         # The authors fit 50 images at SGD lr 1.0 on the batch's mean loss: lr 0.02 on each

@@ -57,7 +57,7 @@ class FitSettings:
     random_pixels: float = 0.0
     ring_weight: float = 1.0
     ring_width: int = 0
-    finish: str = "raw"
+    finish: str = "consistent"  # degrade.finish; as restore.py's default (inpainting: paste)
     init: str = "default"
     image_output: str = "png"
 
